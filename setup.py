@@ -15,7 +15,7 @@ setup(
         "torch>=2.1",
         "open_clip_torch>=2.20",
         "einops>=0.6",
-        "pillow>=9.0",
+        "pillow>=9.1",
         "numpy>=1.23",
         "safetensors>=0.3",
         "tqdm>=4.60",

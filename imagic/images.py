@@ -1,0 +1,222 @@
+"""Images in and out: robust loading to a square [-1, 1] tensor, grids of results, PNGs that carry settings.
+
+Loading follows what the original Stable Diffusion scripts do (`scripts/img2img.py: load_img` converts to RGB,
+resizes, maps to [-1, 1]), plus the cases real user photos bring: EXIF orientation (phone pictures are stored
+sideways), alpha channels, palettes, 16-bit PNGs (PIL's own `convert` clips them to 255 instead of scaling),
+CMYK JPEGs, animations (first frame), and decompression bombs (the pixel count is checked from the header,
+before anything is decoded). Every failure is an `ImageError` whose one-line message names the file.
+
+Choices: transparency is composited over white, and `fit="pad"` pads with white too, so the two agree and
+the result does not depend on image content. ICC colour profiles are not applied (neither do the SD scripts).
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from .fileio import atomic_write
+
+PathLike = Union[str, os.PathLike]
+Fit = Literal["crop", "pad"]
+
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: above any camera photo, far below a decompression bomb
+WHITE = (255, 255, 255)
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+# 16-bit greyscale (PNG, TIFF). "I" is how older Pillow versions open 16-bit PNGs; values above 65535 clip.
+_WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+class ImageError(ValueError):
+    """An input image could not be used; the message is one line naming the file and the reason."""
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    """Open (not decode) an image file, refusing missing files, non-images and oversized images.
+
+    PIL's own bomb guard (`Image.MAX_IMAGE_PIXELS`, a process-wide setting we leave alone) warns above its
+    limit and raises above twice it; our `max_pixels` replaces the warning, and PIL's error is reported too.
+    """
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageError(f"{path}: is a directory, not an image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: too large, refused as a possible decompression bomb ({_one_line(e)})") from e
+    except UnidentifiedImageError as e:
+        raise ImageError(f"{path}: not an image (unrecognised or unsupported format)") from e
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror or _one_line(e)})") from e
+    w, h = im.size
+    if w * h == 0 or w * h > max_pixels:
+        im.close()
+        why = "zero-size image" if w * h == 0 else f"too large ({w * h} pixels > limit of {max_pixels})"
+        raise ImageError(f"{path}: {why}, {w}x{h}")
+    return im
+
+
+def _wide_to_rgb(img: Image.Image) -> Image.Image:
+    """16-bit greyscale to 8-bit RGB by scaling 0..65535 onto 0..255 (PIL's `convert` would clip at 255)."""
+    wide = np.asarray(img.convert("I"), dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; transparent pixels (alpha channel or palette/colour-key transparency) become white."""
+    if img.mode in _WIDE_MODES:
+        return _wide_to_rgb(img)
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image file at full resolution: first frame, EXIF orientation applied, RGB."""
+    path = Path(path)
+    with _open(path, max_pixels) as im:
+        try:  # a freshly opened file is on its first frame, which is the one we use for animations
+            im.load()
+            upright = ImageOps.exif_transpose(im)
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageError(f"{path}: truncated or corrupt image ({_one_line(e)})") from e
+        try:
+            return _to_rgb(upright)
+        except ValueError as e:
+            raise ImageError(f"{path}: unsupported image mode {upright.mode} ({_one_line(e)})") from e
+
+
+def square(img: Image.Image, size: int, fit: Fit = "crop") -> Image.Image:
+    """Centre-crop an image to a square ("crop") or pad it with white to one ("pad"), then resize it to
+    `size` x `size` with LANCZOS."""
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    w, h = img.size
+    if fit == "crop":
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+    elif fit == "pad":
+        s = max(w, h)
+        canvas = Image.new("RGB", (s, s), WHITE)
+        canvas.paste(img, ((s - w) // 2, (s - h) // 2))
+        img = canvas
+    else:
+        raise ValueError(f"fit must be 'crop' or 'pad', got {fit!r}")
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def from_pil(img: Image.Image) -> torch.Tensor:
+    """PIL image (any mode) -> float32 tensor (1, 3, H, W) in [-1, 1]."""
+    arr = np.asarray(_to_rgb(img) if img.mode != "RGB" else img, dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).div(127.5).sub(1.0).contiguous()
+
+
+def load_image(path: PathLike, size: int, fit: Fit = "crop", max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Load an image file as a float32 tensor (1, 3, size, size) in [-1, 1], ready for the VAE encoder.
+
+    Raises `ImageError` (a ValueError) for a missing file, a directory, a non-image, a truncated or corrupt
+    file, a zero-size image or one with more than `max_pixels` pixels.
+    """
+    return from_pil(square(open_image(path, max_pixels), size, fit))
+
+
+def to_pil(t: torch.Tensor) -> List[Image.Image]:
+    """Tensor (B, 3, H, W) or (3, H, W) in [-1, 1] -> list of RGB images (clamped, rounded to 8 bits)."""
+    t = t.detach().to("cpu", torch.float32)
+    if t.ndim == 3:
+        t = t.unsqueeze(0)
+    if t.ndim != 4 or t.shape[1] != 3:
+        raise ValueError(f"to_pil expects (B, 3, H, W) or (3, H, W), got {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError("to_pil: the tensor has NaN or Inf values (a diverged model or fp16 VAE overflow?)")
+    arr = ((t.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def _labels(labels: Optional[Sequence[Any]], n: int, what: str) -> List[str]:
+    if labels is None:
+        return []
+    if len(labels) != n:
+        raise ValueError(f"make_grid: {len(labels)} {what} labels for {n} {what}s")
+    return [str(x) for x in labels]
+
+
+def _font(px: int) -> ImageFont.ImageFont:
+    """PIL's built-in font at `px` pixels; the fixed-size bitmap version without FreeType or on Pillow < 10.1."""
+    try:
+        return ImageFont.load_default(size=px)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def make_grid(images: Sequence[Sequence[Image.Image]], row_labels: Optional[Sequence[Any]] = None,
+              col_labels: Optional[Sequence[Any]] = None, gap: int = 2) -> Image.Image:
+    """Paste `images[r][c]` into a rows x columns grid (the editor: rows = seeds, columns = alphas).
+
+    Cells are as large as the largest image; `gap` pixels of white separate them. Labels (anything `str`
+    accepts) go to the left of each row and above each column, in PIL's built-in font scaled to the cell.
+    """
+    rows = [list(r) for r in images]
+    n_cols = len(rows[0]) if rows else 0
+    if n_cols == 0 or any(len(r) != n_cols for r in rows):
+        raise ValueError("make_grid: need a non-empty list of rows of equal length")
+    rl, cl = _labels(row_labels, len(rows), "row"), _labels(col_labels, n_cols, "column")
+    cw = max(im.width for r in rows for im in r)
+    ch = max(im.height for r in rows for im in r)
+    font, pad = _font(max(10, ch // 24)), 4
+    left = max(font.getbbox(s)[2] for s in rl) + 2 * pad if rl else 0
+    top = max(font.getbbox(s)[3] for s in cl) + 2 * pad if cl else 0
+    grid = Image.new("RGB", (left + n_cols * (cw + gap) - gap, top + len(rows) * (ch + gap) - gap), WHITE)
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            grid.paste(_to_rgb(im), (left + c * (cw + gap), top + r * (ch + gap)))
+    for c, s in enumerate(cl):
+        x0, _, x1, _ = font.getbbox(s)
+        draw.text((left + c * (cw + gap) + (cw - x0 - x1) // 2, pad), s, fill="black", font=font)
+    for r, s in enumerate(rl):
+        _, y0, _, y1 = font.getbbox(s)
+        draw.text((pad, top + r * (ch + gap) + (ch - y0 - y1) // 2), s, fill="black", font=font)
+    return grid
+
+
+def save_png(img: Image.Image, path: PathLike, metadata: Optional[Dict[str, Any]] = None) -> None:
+    """Save a PNG atomically with `metadata` as text chunks (non-string values JSON-encoded, `str` fallback).
+
+    PNG keywords are 1-79 Latin-1 characters; values that are not Latin-1 go into iTXt (UTF-8) chunks.
+    """
+    info = PngInfo()
+    for key, value in (metadata or {}).items():
+        if not 0 < len(key) < 80:
+            raise ValueError(f"save_png: PNG text keys must be 1-79 characters, got {key!r}")
+        info.add_text(key, value if isinstance(value, str) else json.dumps(value, default=str))
+    with atomic_write(path) as f:
+        img.save(f, format="PNG", pnginfo=info)
+
+
+def read_png_metadata(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dict[str, str]:
+    """The text chunks of a PNG as a dict of strings (`json.loads` the ones `save_png` encoded)."""
+    path = Path(path)
+    with _open(path, max_pixels) as im:
+        if im.format != "PNG":
+            raise ImageError(f"{path}: not a PNG file ({im.format})")
+        try:
+            return dict(im.text)  # reading all text chunks decodes the image: some may follow the pixel data
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageError(f"{path}: truncated or corrupt image ({_one_line(e)})") from e
