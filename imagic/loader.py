@@ -1,0 +1,240 @@
+"""`load_checkpoint`: a single-file SD checkpoint in, our UNet, VAE, text encoder and tokenizer out.
+
+Because our module names are the checkpoint's keys, loading a part is a prefix split followed by a strict
+`load_state_dict`. Models are built on the `meta` device and the file's tensors are assigned to them, so a 4 GB
+checkpoint costs its own size in memory once, not twice, and no time is spent on random initialisation.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+from . import detect as D
+from .checkpoint import CheckpointError, PathLike, StateDict, read_state_dict
+from .config import ConfigError, ModelConfig, describe, from_ldm_yaml
+
+log = logging.getLogger(__name__)
+
+ConfigLike = Union[None, str, Path, Dict[str, Any], ModelConfig]
+
+
+@dataclass
+class StableDiffusion:
+    """The parts of a loaded checkpoint. A part absent from the file is None (with a warning at load time)."""
+
+    unet: Optional[nn.Module]
+    vae: Optional[nn.Module]
+    text_encoder: Optional[nn.Module]
+    tokenizer: Any
+    config: ModelConfig
+    evidence: List[str] = field(default_factory=list)
+    path: Optional[Path] = None
+
+    def __repr__(self) -> str:
+        return f"StableDiffusion({describe(self.config)}, from {self.path})"
+
+
+def _resolve_config(path: Path, config: ConfigLike, evidence: List[str]) -> Optional[ModelConfig]:
+    """An explicit config, else `<checkpoint>.yaml` beside the file (as other SD tools do), else None."""
+    if isinstance(config, ModelConfig):
+        evidence.append("config given by the caller (overrides detection)")
+        return config
+    if config is None:
+        beside = path.with_suffix(".yaml")
+        if not beside.is_file():
+            return None
+        config = beside
+    try:
+        cfg = from_ldm_yaml(config)
+    except ConfigError as e:
+        raise CheckpointError(f"config {config if not isinstance(config, dict) else '(dict)'}: {e}") from None
+    evidence.append(f"config from {config if not isinstance(config, dict) else 'a yaml dict'} "
+                    f"(overrides detection; parameterization {cfg.prediction_type})")
+    return cfg
+
+
+def _text_prefix(sd: StateDict, cfg: ModelConfig) -> tuple:
+    """(file prefix, prefix our module expects). Older SD1 files lack `text_model.`; we add it back."""
+    if cfg.text.kind == "openclip":
+        return D.TEXT_OPENCLIP, ""
+    has_tm = any(k.startswith(D.TEXT_OPENAI + "text_model.") for k in sd)
+    return (D.TEXT_OPENAI, "") if has_tm else (D.TEXT_OPENAI, "text_model.")
+
+
+def _split(sd: StateDict, prefix: str, add: str = "", use_ema: bool = False) -> StateDict:
+    return {add + k[len(prefix):]: v for k, v in sd.items()
+            if k.startswith(prefix) and not D.is_skipped(k, use_ema)}
+
+
+def _ema_unet(sd: StateDict, path: Path) -> StateDict:
+    """Swap the UNet's weights for their EMA copies (`model_ema.*`)."""
+    out = dict(sd)
+    missing = []
+    for k in sd:
+        if k.startswith(D.UNET):
+            e = D.ema_key(k)
+            if e in sd:
+                out[k] = sd[e]
+            else:
+                missing.append(k)
+    if missing:
+        raise CheckpointError(f"{path}: EMA weights incomplete ({len(missing)} UNet tensors lack a model_ema copy, "
+                              f"e.g. {missing[0]})")
+    return out
+
+
+def _check_keys(model: nn.Module, part: StateDict, name: str) -> None:
+    """Strict loading with a message that lists what is wrong (first few of each kind)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(part))
+    unexpected = sorted(set(part) - set(expected))
+    shapes = sorted(f"{k} {tuple(part[k].shape)} != {expected[k]}" for k in set(part) & set(expected)
+                    if tuple(part[k].shape) != expected[k])
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+        if items:
+            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
+    if problems:
+        raise CheckpointError(f"{name} does not match the expected architecture: " + "; ".join(problems) +
+                              " — pass the model's original yaml with --config if it is a non-standard size")
+
+
+def _build(factory, part: StateDict, name: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Build on meta, check keys and shapes, then assign the file's tensors (cast to dtype, moved to device)."""
+    with torch.device("meta"):
+        model = factory()
+    _check_keys(model, part, name)
+    cast = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in part.items()}
+    model.load_state_dict(cast, strict=True, assign=True)
+    _materialize_derived_buffers(model, factory, device)
+    return model.eval().requires_grad_(False)
+
+
+def _materialize_derived_buffers(model: nn.Module, factory, device: torch.device) -> None:
+    """Non-persistent buffers (causal masks, position ids) are not in the file: take them from a CPU build."""
+    if not any(b.is_meta for b in model.buffers()):
+        return
+    with torch.device("cpu"):
+        reference = dict(factory().named_buffers())
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            owner._buffers[leaf] = reference[name].to(device)
+
+
+def load_checkpoint(path: PathLike, config: ConfigLike = None, dtype: torch.dtype = torch.float32,
+                    device: Union[str, torch.device] = "cpu", use_ema: bool = False,
+                    vae_dtype: torch.dtype = torch.float32) -> StableDiffusion:
+    """Load a single-file SD 1.x / 2.x checkpoint (`.safetensors` or `.ckpt`).
+
+    config: an original LDM inference yaml (path or dict) or a ModelConfig; by default `<checkpoint>.yaml` beside
+        the file if present, else the family and sizes are detected from keys and shapes.
+    dtype: for the UNet and text encoder; the VAE uses `vae_dtype` (fp32 by default: fp16 VAE decodes can NaN).
+    use_ema: take the UNet's EMA weights (`model_ema.*`) when the file has them.
+    """
+    # Imported here so `imagic.config` / `imagic.checkpoint` stay importable on their own.
+    from .clip import build_text_encoder
+    from .tokenizer import Tokenizer
+    from .unet import UNetModel
+    from .vae import AutoencoderKL
+
+    path = Path(path)
+    device = torch.device(device)
+    sd = read_state_dict(path)
+    det = D.detect(sd)
+    evidence = list(det.evidence)
+    cfg = _resolve_config(path, config, evidence)
+    prediction_known = cfg is not None or det.prediction_known
+    cfg = cfg or det.config
+    if use_ema:
+        if det.has_ema:
+            sd = _ema_unet(sd, path)
+            evidence.append("using the EMA UNet weights")
+        else:
+            warnings.warn(f"{path.name}: no EMA weights in this file (pruned files often hold EMA weights already); "
+                          "using the weights it has", stacklevel=2)
+    unet = _build(lambda: UNetModel(cfg.unet), _split(sd, D.UNET), "UNet", dtype, device)
+    vae = text = tokenizer = None
+    if det.has_vae:
+        vae = _build(lambda: AutoencoderKL(cfg.vae), _split(sd, D.VAE), "VAE", vae_dtype, device)
+    else:
+        warnings.warn(f"{path.name}: no VAE in this file (first_stage_model.*); .vae is None", stacklevel=2)
+    if det.has_text:
+        src, add = _text_prefix(sd, cfg)
+        text = _build(lambda: build_text_encoder(cfg.text), _split(sd, src, add), "text encoder", dtype, device)
+        tokenizer = Tokenizer.for_text_config(cfg.text)
+    else:
+        warnings.warn(f"{path.name}: no text encoder in this file (cond_stage_model.*); .text_encoder is None",
+                      stacklevel=2)
+    if not prediction_known:
+        is_v, score = D.probe_v_prediction(unet, cfg.unet.context_dim)
+        cfg.prediction_type = "v" if is_v else "epsilon"
+        if is_v:
+            cfg.family, cfg.image_size = "sd2-v", 768
+        evidence.append(f"prediction type {cfg.prediction_type}: probe mean(unet(0.5, t=999) - x) = {score:.3f} "
+                        f"({'<' if is_v else '>='} -1, the A1111 test); pass the yaml to override")
+    log.info("loaded %s: %s", path.name, describe(cfg))
+    return StableDiffusion(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, config=cfg,
+                           evidence=evidence, path=path)
+
+
+def inspect_checkpoint(path: PathLike, config: ConfigLike = None, probe: bool = True) -> Dict[str, Any]:
+    """What `imagic inspect` shows: family, prediction type and evidence, EMA, dtypes, sizes, unknown keys.
+
+    Every component's key set is compared with our models built on the meta device, so a file that would not
+    load is reported here with the same message `load_checkpoint` would give.
+    """
+    from .clip import build_text_encoder
+    from .unet import UNetModel
+    from .vae import AutoencoderKL
+
+    path = Path(path)
+    sd = read_state_dict(path)
+    det = D.detect(sd)
+    evidence = list(det.evidence)
+    cfg = _resolve_config(path, config, evidence)
+    prediction_known = cfg is not None or det.prediction_known
+    cfg = cfg or det.config
+    parts = {"unet": (D.UNET, "", lambda: UNetModel(cfg.unet), det.has_unet),
+             "vae": (D.VAE, "", lambda: AutoencoderKL(cfg.vae), det.has_vae)}
+    if det.has_text:
+        src, add = _text_prefix(sd, cfg)
+        parts["text_encoder"] = (src, add, lambda: build_text_encoder(cfg.text), True)
+    problems, dtypes = [], {}
+    for name, (prefix, add, factory, present) in parts.items():
+        part = _split(sd, prefix, add)
+        dtypes[name] = sorted({str(v.dtype).removeprefix("torch.") for v in part.values()})
+        if present:
+            with torch.device("meta"):
+                model = factory()
+            try:
+                _check_keys(model, part, name)
+            except CheckpointError as e:
+                problems.append(str(e))
+    known = (D.UNET, D.VAE, "cond_stage_model.", D.EMA)
+    unknown = sorted(k for k in sd if not k.startswith(known) and not D.is_skipped(k, True))
+    if not prediction_known and probe and not problems:
+        unet = _build(lambda: UNetModel(cfg.unet), _split(sd, D.UNET), "UNet", torch.float32, torch.device("cpu"))
+        is_v, score = D.probe_v_prediction(unet, cfg.unet.context_dim)
+        cfg.prediction_type = "v" if is_v else "epsilon"
+        if is_v:
+            cfg.family, cfg.image_size = "sd2-v", 768
+        evidence.append(f"prediction type {cfg.prediction_type}: probe mean(unet(0.5, t=999) - x) = {score:.3f} "
+                        f"({'<' if is_v else '>='} -1, the A1111 test)")
+        prediction_known = True
+    return {
+        "path": str(path), "family": cfg.family,
+        "prediction_type": cfg.prediction_type if prediction_known else "unknown (probe skipped)",
+        "native_resolution": cfg.image_size, "evidence": evidence, "ema": det.has_ema,
+        "components": {"unet": det.has_unet, "vae": det.has_vae, "text_encoder": det.has_text},
+        "dtypes": dtypes, "parameters": D.count_params(sd), "unknown_keys": unknown, "problems": problems,
+        "config": cfg.to_dict(),
+    }
