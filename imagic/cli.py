@@ -20,15 +20,12 @@ def _user_errors() -> tuple:
     from .checkpoint import CheckpointError
     from .config import ConfigError
 
-    kinds: List[type] = [UserError, CheckpointError, ConfigError]
-    try:
-        from .fileio import OutputError
-        from .images import ImageError
+    from .fileio import OutputError
+    from .images import ImageError
+    from .rundir import RunError
+    from .training import NumericalError
 
-        kinds += [ImageError, OutputError]
-    except ImportError:
-        pass
-    return tuple(kinds)
+    return (UserError, CheckpointError, ConfigError, ImageError, OutputError, RunError, NumericalError)
 
 
 def _print_inspect(info: Dict) -> None:
@@ -65,6 +62,170 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 1 if info["problems"] else 0
 
 
+def _positive(kind: type, minimum: float = 0, inclusive: bool = False) -> Callable[[str], float]:
+    """An argparse type that rejects out-of-range numbers with a one-line message."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'}, got {text!r}")
+        if value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum}, got {text}")
+        return value
+    return parse
+
+
+def _prompt(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the prompt is empty")
+    return text
+
+
+def _add_model_args(p: argparse.ArgumentParser, ckpt_required: bool = True) -> None:
+    p.add_argument("--ckpt", required=ckpt_required, help="SD checkpoint (.safetensors / .ckpt)")
+    p.add_argument("--config", help="original LDM inference yaml (default: <checkpoint>.yaml if present)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="frozen weights and autocast precision; trainable tensors stay fp32 (default fp32)")
+    p.add_argument("--use-ema", action="store_true", help="use the UNet's EMA weights when the file has them")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", required=True, help="input photo (any common format)")
+    p.add_argument("--prompt", required=True, type=_prompt, help='target text, e.g. "a photo of a sitting dog"')
+    p.add_argument("--out", required=True, help="run directory (an existing one is resumed)")
+    p.add_argument("--fit", choices=["crop", "pad"], default="crop", help="non-square images: centre-crop or pad")
+    p.add_argument("--finetune", choices=["lora", "full"], default="lora")
+    p.add_argument("--embed-steps", type=_positive(int, 0, True), default=1000)
+    p.add_argument("--embed-lr", type=_positive(float), default=2e-3)
+    p.add_argument("--finetune-steps", type=_positive(int, 0, True), help="default 500 (lora) / 1500 (full)")
+    p.add_argument("--finetune-lr", type=_positive(float), help="default 2e-4 (lora) / 5e-7 (full)")
+    p.add_argument("--lora-rank", type=_positive(int), default=4)
+    p.add_argument("--lora-alpha", type=_positive(float), help="LoRA alpha (default: = rank)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training noise and timesteps")
+    p.add_argument("--save-every", type=_positive(int), default=50, help="steps between resumable saves")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+
+
+def _add_sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--alpha", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9, 1.0],
+                   help="interpolation weights of the target embedding (paper eq. 4)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--guidance-scale", type=_positive(float, 0, True), default=7.5)
+    p.add_argument("--steps", type=_positive(int), default=50, help="DDIM steps")
+    p.add_argument("--ddim-eta", type=_positive(float, 0, True), default=0.0)
+    p.add_argument("--negative-prompt", default="")
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name} asked for, but CUDA is not available here")
+    return dev
+
+
+def _editor(args: argparse.Namespace, ckpt: str):
+    from .editor import Editor
+
+    return Editor.from_checkpoint(ckpt, config=args.config, device=_device(args.device), precision=args.precision,
+                                  use_ema=args.use_ema, progress=not args.quiet,
+                                  gradient_checkpointing=getattr(args, "gradient_checkpointing", False))
+
+
+def _train(args: argparse.Namespace):
+    from .images import open_image
+
+    open_image(args.image).close()  # a bad image fails before the (slow) checkpoint load
+    editor = _editor(args, args.ckpt)
+    settings = dict(embed_steps=args.embed_steps, embed_lr=args.embed_lr, finetune=args.finetune,
+                    finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, lora_rank=args.lora_rank,
+                    lora_alpha=args.lora_alpha, seed=args.seed, fit=args.fit, save_every=args.save_every)
+    run = editor.fit(args.image, args.prompt, out=args.out, **settings)
+    print(f"trained: {run.directory} (stage 1 loss {_last(run.losses['stage1'])}, "
+          f"stage 2 loss {_last(run.losses['stage2'])})")
+    return editor, run
+
+
+def _last(values: List[float]) -> str:
+    return f"{values[-1]:.4f}" if values else "n/a"
+
+
+def _sample(editor, run, args: argparse.Namespace) -> None:
+    result = editor.sample(run, alpha=args.alpha, seeds=args.seeds, guidance_scale=args.guidance_scale,
+                           steps=args.steps, ddim_eta=args.ddim_eta, negative_prompt=args.negative_prompt)
+    print(f"wrote {len(result.images)} samples to {run.directory / 'samples'} and the grid {run.directory / 'grid.png'}"
+          " (rows: seeds, columns: alphas)")
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    editor, run = _train(args)
+    _sample(editor, run, args)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _train(args)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .fileio import read_json
+
+    args_file = Path(args.run) / "args.json"
+    if not args_file.is_file():
+        raise UserError(f"{args.run}: not a run directory (no args.json)")
+    ckpt = args.ckpt or read_json(args_file).get("checkpoint")
+    if not ckpt:
+        raise UserError(f"{args.run}: the run does not name its checkpoint; pass --ckpt")
+    editor = _editor(args, ckpt)
+    _sample(editor, editor.load_run(args.run), args)
+    return 0
+
+
+def _save_images(images, out: str, stem: str, seeds: List[int], meta: Dict) -> None:
+    from pathlib import Path
+
+    from .images import save_png
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for seed, img in zip(seeds, images):
+        path = Path(out) / f"{stem}_seed{seed}.png"
+        save_png(img, path, {**meta, "seed": seed})
+        print(f"wrote {path}")
+
+
+def cmd_txt2img(args: argparse.Namespace) -> int:
+    editor = _editor(args, args.ckpt)
+    images = editor.txt2img(args.prompt, seeds=args.seeds, guidance_scale=args.guidance_scale, steps=args.steps,
+                            ddim_eta=args.ddim_eta, negative_prompt=args.negative_prompt)
+    _save_images(images, args.out, "txt2img", args.seeds, {"prompt": args.prompt, "steps": args.steps,
+                                                           "guidance_scale": args.guidance_scale})
+    return 0
+
+
+def cmd_img2img(args: argparse.Namespace) -> int:
+    from .images import open_image
+
+    open_image(args.image).close()
+    editor = _editor(args, args.ckpt)
+    images = editor.img2img(args.image, args.prompt, strength=args.strength, seeds=args.seeds,
+                            guidance_scale=args.guidance_scale, steps=args.steps, ddim_eta=args.ddim_eta,
+                            negative_prompt=args.negative_prompt, fit=args.fit)
+    _save_images(images, args.out, "img2img", args.seeds, {"prompt": args.prompt, "strength": args.strength,
+                                                           "steps": args.steps})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imagic", description="Imagic text-based real image editing on Stable Diffusion")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -76,10 +237,41 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.add_argument("--no-probe", action="store_true", help="skip the epsilon/v probe (no UNet forward)")
     ins.set_defaults(func=cmd_inspect)
+
+    edit = sub.add_parser("edit", help="all three Imagic stages: optimise, fine-tune, sample an alpha sweep")
+    _add_model_args(edit)
+    _add_train_args(edit)
+    _add_sample_args(edit)
+    edit.set_defaults(func=cmd_edit)
+
+    train = sub.add_parser("train", help="stages 1-2 only (resumable); sample later with `imagic sample`")
+    _add_model_args(train)
+    _add_train_args(train)
+    train.set_defaults(func=cmd_train)
+
+    sample = sub.add_parser("sample", help="stage 3 from a trained run directory, as often as you like")
+    sample.add_argument("--run", required=True, help="run directory written by `imagic edit` / `imagic train`")
+    _add_model_args(sample, ckpt_required=False)
+    _add_sample_args(sample)
+    sample.set_defaults(func=cmd_sample)
+
+    t2i = sub.add_parser("txt2img", help="sanity-check a checkpoint: text to image")
+    _add_model_args(t2i)
+    t2i.add_argument("--prompt", required=True, type=_prompt)
+    t2i.add_argument("--out", required=True, help="output directory")
+    _add_sample_args(t2i)
+    t2i.set_defaults(func=cmd_txt2img)
+
+    i2i = sub.add_parser("img2img", help="sanity-check a checkpoint: SDEdit an image towards a prompt")
+    _add_model_args(i2i)
+    i2i.add_argument("--image", required=True)
+    i2i.add_argument("--prompt", required=True, type=_prompt)
+    i2i.add_argument("--out", required=True, help="output directory")
+    i2i.add_argument("--strength", type=_positive(float), default=0.75)
+    i2i.add_argument("--fit", choices=["crop", "pad"], default="crop")
+    _add_sample_args(i2i)
+    i2i.set_defaults(func=cmd_img2img)
     return p
-
-
-COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

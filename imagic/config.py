@@ -193,6 +193,8 @@ def from_ldm_yaml(source: Union[str, Path, Dict[str, Any]]) -> ModelConfig:
         raise ConfigError("class-conditioned / SDXL-style UNets (num_classes, adm_in_channels) are not supported")
 
     unet = _build(UNetConfig, {k: v for k, v in unet_p.items() if k in _UNET_YAML_KEYS})
+    if unet_p.get("num_head_channels", -1) != -1 and "num_heads" not in unet_p:
+        unet.num_heads = -1  # SD2 yamls give only num_head_channels
     if isinstance(unet_p.get("context_dim"), (list, tuple)):
         unet.context_dim = int(unet_p["context_dim"][0])
     if isinstance(unet_p.get("transformer_depth"), (list, tuple)):
@@ -245,7 +247,10 @@ def _text_from_cond(cond: Dict[str, Any], context_dim: int) -> TextConfig:
 
 def to_ldm_yaml(cfg: ModelConfig) -> Dict[str, Any]:
     """The inverse of from_ldm_yaml, for configs we write next to checkpoints we produce."""
-    unet = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg.unet).items()}
+    # Like the original yamls, leave out the head setting that is not used (-1): diffusers reads num_heads: -1
+    # as attention_head_dim -1.
+    unet = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg.unet).items()
+            if not (k in ("num_heads", "num_head_channels") and v == -1)}
     unet["image_size"] = cfg.latent_size
     vae = dataclasses.asdict(cfg.vae)
     dd = {k: list(v) if isinstance(v, tuple) else v for k, v in vae.items() if k != "embed_dim"}
