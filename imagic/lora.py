@@ -60,9 +60,15 @@ class _LoRAMixin:
         return self.alpha / self.rank
 
     @torch.no_grad()
-    def reset_lora_parameters(self) -> None:
-        """kohya / the LoRA paper: down ~ kaiming-uniform(a=sqrt(5)) (nn.Linear's default), up = 0."""
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+    def reset_lora_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """kohya / the LoRA paper: down ~ kaiming-uniform(a=sqrt(5)) (nn.Linear's default), up = 0.
+
+        Drawn on the CPU (from `generator` when given) and copied, so a seeded init is the same on any device."""
+        if self.lora_down.weight.is_meta:
+            return
+        w = torch.empty(self.lora_down.weight.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+        self.lora_down.weight.copy_(w)
         nn.init.zeros_(self.lora_up.weight)
 
     def _adopt(self, base: nn.Module) -> "_LoRAMixin":
@@ -206,11 +212,11 @@ def lora_modules(unet: nn.Module) -> Iterator[Tuple[str, LoRAModule]]:
 
 
 def inject_lora(unet: nn.Module, rank: int = 4, alpha: Optional[float] = None,
-                targets: Sequence[str] = DEFAULT_TARGETS) -> List[str]:
+                targets: Sequence[str] = DEFAULT_TARGETS, seed: Optional[int] = None) -> List[str]:
     """Replace every module whose path ends with one of `targets` by its LoRA wrapper; returns their paths.
 
     The whole model is frozen (`requires_grad_(False)`) and only the new LoRA matrices train, as in kohya's
-    trainer. Convert the model's dtype/device before injecting: a later `.half()` would also cast the LoRA.
+    trainer. `seed` makes the random init of `lora_down` reproducible on any device. Convert the model's dtype/device before injecting: a later `.half()` would also cast the LoRA.
     """
     paths = [p for p, _ in unet.named_modules() if p and _matches(p, targets)]
     if not paths:
@@ -218,6 +224,10 @@ def inject_lora(unet: nn.Module, rank: int = 4, alpha: Optional[float] = None,
     unet.requires_grad_(False)
     for path in paths:
         _set_module(unet, path, _wrap(unet.get_submodule(path), path, rank, alpha))
+    if seed is not None:  # a reproducible init: one CPU generator, modules in order
+        gen = torch.Generator().manual_seed(seed)
+        for path in paths:
+            unet.get_submodule(path).reset_lora_parameters(gen)
     return paths
 
 

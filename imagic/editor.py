@@ -1,0 +1,418 @@
+"""Imagic (Kawar et al., CVPR 2023): text-based real image editing, on any checkpoint `load_checkpoint` reads.
+
+    e_tgt = text_encoder(tokenize(target_text))                              (Sec. 3.1, "text embedding")
+    stage 1  e_opt = argmin_e  L(x0, e; theta)      Adam from e_tgt, model frozen             (eq. 2)
+    stage 2  theta' = argmin_theta L(x0, e_opt; theta)   e_opt frozen; LoRA or all weights  (eq. 3)
+    stage 3  e = alpha * e_tgt + (1 - alpha) * e_opt, then DDIM + classifier-free guidance with theta'   (eq. 4)
+
+where L is the denoising loss of `training.denoising_loss`. alpha = 0 reproduces the input; the paper finds
+0.6-0.8 best for Imagen, public SD ports use 0.9-1.5.
+
+Usage:
+    editor = Editor.from_checkpoint("v1-5-pruned-emaonly.safetensors", device="cuda", precision="bf16")
+    run = editor.fit("dog.png", "a photo of a sitting dog", out="runs/dog")
+    result = editor.sample(run, alpha=[0.8, 0.9, 1.0], seeds=[0, 1])
+    result.grid            # PIL image, rows = seeds, columns = alphas
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from . import lora as L
+from .fileio import load_safetensors, save_safetensors, sha256_file
+from .images import from_pil, load_image, make_grid, save_png, to_pil
+from .loader import StableDiffusion, load_checkpoint
+from .rundir import RunDir, RunError, library_versions, plot_losses
+from .samplers import initial_latents, sample_ddim, sdedit_start
+from .schedule import NoiseSchedule
+from .training import PRECISIONS, StepCallback, autocast, denoising_loss, peak_memory, run_loop
+from .vae import decode_latents, encode_latents
+
+log = logging.getLogger(__name__)
+
+ImageLike = Union[str, Path, Image.Image, Tensor]
+
+
+@dataclass
+class FitSettings:
+    """Stage 1 and 2 settings. Defaults: the paper's SD setting for stage 1 (1000 Adam steps at 2e-3) and for
+    full fine-tuning (1500 steps at 5e-7); LoRA (our default, fits a consumer GPU) trains rank-4 adapters for
+    500 steps at 2e-4 (LoRA wants a far larger lr than full fine-tuning: its update starts from zero)."""
+
+    embed_steps: int = 1000
+    embed_lr: float = 2e-3
+    finetune: str = "lora"  # "lora" | "full"
+    finetune_steps: Optional[int] = None  # None: 500 (lora) / 1500 (full)
+    finetune_lr: Optional[float] = None  # None: 2e-4 (lora) / 5e-7 (full)
+    lora_rank: int = 4
+    lora_alpha: Optional[float] = None  # None: = rank (scale 1)
+    seed: int = 0
+    fit: str = "crop"  # how a non-square image becomes square: "crop" | "pad"
+    save_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.finetune not in ("lora", "full"):
+            raise ValueError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
+        if self.finetune_steps is None:
+            self.finetune_steps = 500 if self.finetune == "lora" else 1500
+        if self.finetune_lr is None:
+            self.finetune_lr = 2e-4 if self.finetune == "lora" else 5e-7
+        for name in ("embed_steps", "finetune_steps", "lora_rank", "save_every"):
+            if getattr(self, name) < (0 if name.endswith("steps") else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class Run:
+    """The result of `Editor.fit`: both embeddings and the fine-tuned weights (LoRA or full UNet)."""
+
+    target_text: str
+    settings: FitSettings
+    target_embedding: Tensor
+    optimized_embedding: Tensor
+    finetuned: Dict[str, Tensor]  # our LoRA state dict, or the full UNet state dict
+    input_image: Image.Image
+    losses: Dict[str, List[float]] = field(default_factory=dict)
+    directory: Optional[Path] = None
+
+
+@dataclass
+class SampleResult:
+    images: Dict[Tuple[int, float], Image.Image]  # (seed, alpha) -> image
+    grid: Image.Image
+    seeds: List[int]
+    alphas: List[float]
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Editor:
+    """Holds a loaded model and runs the three Imagic stages on it."""
+
+    def __init__(self, model: StableDiffusion, device: Union[str, torch.device, None] = None,
+                 precision: str = "fp32", gradient_checkpointing: bool = False, progress: bool = True):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if model.vae is None or model.text_encoder is None:
+            raise ValueError("Imagic needs the UNet, the VAE and the text encoder; this checkpoint lacks one")
+        self.model = model
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.precision = precision
+        self.progress = progress
+        self.config = model.config
+        self.schedule = NoiseSchedule.from_config(model.config)
+        # Frozen weights in the working precision; the VAE stays fp32 (fp16 SD VAE decodes can NaN).
+        dtype = PRECISIONS[precision]
+        self.unet = model.unet.to(self.device, dtype).requires_grad_(False)
+        self.text_encoder = model.text_encoder.to(self.device, dtype).requires_grad_(False)
+        self.vae = model.vae.to(self.device).requires_grad_(False)
+        self.unet.set_gradient_checkpointing(gradient_checkpointing)
+
+    @classmethod
+    def from_checkpoint(cls, path: Union[str, Path], config=None, device: Union[str, torch.device, None] = None,
+                        precision: str = "fp32", use_ema: bool = False, **kwargs) -> "Editor":
+        """Load a checkpoint (see `load_checkpoint`) and wrap it in an Editor."""
+        dev = torch.device(device) if device is not None else _default_device()
+        model = load_checkpoint(path, config=config, dtype=PRECISIONS.get(precision, torch.float32), device=dev,
+                                use_ema=use_ema)
+        return cls(model, device=dev, precision=precision, **kwargs)
+
+    # --- encoders -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: Union[str, Sequence[str]]) -> Tensor:
+        """(B, 77, width) conditioning in fp32 (the embedding Imagic optimises lives in fp32)."""
+        ids = self.model.tokenizer(prompts).to(self.device)
+        return self.text_encoder(ids).float()
+
+    def prepare_image(self, image: ImageLike, fit: str = "crop") -> Image.Image:
+        """Any path / PIL image / tensor in [-1, 1] -> a square RGB PIL image at the model's native resolution."""
+        size = self.config.image_size
+        if isinstance(image, Tensor):
+            image = to_pil(image.detach().cpu().reshape(-1, *image.shape[-3:])[:1])[0]
+        if isinstance(image, Image.Image):
+            from .images import square
+
+            return square(image.convert("RGB"), size, fit)  # type: ignore[arg-type]
+        return to_pil(load_image(image, size, fit))[0]  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> Tensor:
+        """Latent x0 of the image: the posterior mean (deterministic; SD's posterior std is ~1e-3 of its mean)."""
+        x = from_pil(image).to(self.device)
+        return encode_latents(self.vae, x, self.config.scale_factor, sample=False).float()
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> List[Image.Image]:
+        return to_pil(decode_latents(self.vae, latents.float(), self.config.scale_factor).float().cpu())
+
+    # --- stages 1 and 2 ---------------------------------------------------------------------------------------
+    def fit(self, image: ImageLike, target_text: str, out: Union[str, Path, None] = None,
+            callback: Optional[StepCallback] = None, **settings) -> Run:
+        """Stages 1 and 2. With `out`, everything goes to that run directory and an existing one is resumed:
+        finished stages are skipped and an interrupted stage continues from its last saved step."""
+        s = FitSettings(**settings)
+        if not target_text or not target_text.strip():
+            raise ValueError("the target text is empty")
+        pil = self.prepare_image(image, s.fit)
+        rd = RunDir(out) if out is not None else None
+        with rd if rd is not None else contextlib.nullcontext():
+            return self._fit(pil, target_text, s, rd, callback)
+
+    def _run_args(self, target_text: str, s: FitSettings, image_sha: str) -> Dict:
+        path = self.model.path
+        return {"target_text": target_text, "settings": asdict(s), "input_sha256": image_sha,
+                "checkpoint": str(path) if path else None,
+                "checkpoint_sha256": sha256_file(path) if path and path.is_file() else None,
+                "model_config": self.config.to_dict(), "precision": self.precision, "device": str(self.device),
+                "versions": library_versions()}
+
+    def _fit(self, pil: Image.Image, target_text: str, s: FitSettings, rd: Optional[RunDir],
+             callback: Optional[StepCallback]) -> Run:
+        import hashlib
+
+        image_sha = hashlib.sha256(pil.tobytes()).hexdigest()
+        if rd is not None:
+            rd.check_or_write_args(self._run_args(target_text, s, image_sha),
+                                   identity=("target_text", "settings", "input_sha256", "checkpoint_sha256"))
+            if not rd.input_image.exists():
+                save_png(pil, rd.input_image, {"target_text": target_text})
+        x0 = self.encode_image(pil)
+        e_tgt = self.encode_text(target_text)
+        if rd is not None and not rd.target_embedding.exists():
+            save_safetensors(rd.target_embedding, {"embedding": e_tgt})
+        e_opt, losses1 = self._stage1(x0, e_tgt, s, rd, callback)
+        finetuned, losses2 = self._stage2(x0, e_opt, s, rd, callback)
+        if rd is not None:
+            rd.loss_plot.parent.mkdir(parents=True, exist_ok=True)
+            save_png(plot_losses({"stage 1 (embedding)": losses1, f"stage 2 ({s.finetune})": losses2}),
+                     rd.loss_plot)
+        return Run(target_text=target_text, settings=s, target_embedding=e_tgt.cpu(), optimized_embedding=e_opt.cpu(),
+                   finetuned=finetuned, input_image=pil, losses={"stage1": losses1, "stage2": losses2},
+                   directory=rd.root if rd else None)
+
+    def _stage1(self, x0: Tensor, e_tgt: Tensor, s: FitSettings, rd: Optional[RunDir],
+                callback: Optional[StepCallback]) -> Tuple[Tensor, List[float]]:
+        """Optimise the text embedding with the model frozen (paper eq. 2)."""
+        if rd is not None and rd.optimized_embedding.exists():
+            log.info("stage 1 already done: %s", rd.optimized_embedding)
+            return load_safetensors(rd.optimized_embedding)[0]["embedding"].to(self.device), rd.read_losses(1)
+        e = e_tgt.clone().requires_grad_(True)
+        state = run_loop(
+            "stage 1: embedding", [e],
+            lambda g: denoising_loss(self.unet, self.schedule, x0, e, g, self.precision),
+            steps=s.embed_steps, lr=s.embed_lr, seed=s.seed, resume_path=rd.resume_state(1) if rd else None,
+            save_every=s.save_every, callback=callback, progress=self.progress,
+            on_save=(lambda st: rd.write_losses(1, st.losses)) if rd else None)
+        e_opt = e.detach()
+        if rd is not None:
+            save_safetensors(rd.optimized_embedding, {"embedding": e_opt})  # marks stage 1 as done
+            rd.write_losses(1, state.losses)
+            rd.resume_state(1).unlink(missing_ok=True)
+            rd.log(f"stage 1 done: {s.embed_steps} steps, final loss {state.losses[-1] if state.losses else 'n/a'}, "
+                   f"peak memory {peak_memory(self.device)}")
+        return e_opt, state.losses
+
+    def _stage2(self, x0: Tensor, e_opt: Tensor, s: FitSettings, rd: Optional[RunDir],
+                callback: Optional[StepCallback]) -> Tuple[Dict[str, Tensor], List[float]]:
+        """Fine-tune the model with e_opt frozen (paper eq. 3): LoRA adapters or every UNet weight."""
+        if rd is not None and rd.finetuned(s.finetune).exists():
+            log.info("stage 2 already done: %s", rd.finetuned(s.finetune))
+            return self._read_finetuned(rd, s.finetune), rd.read_losses(2)
+        with self._trainable(s) as params:
+            state = run_loop(
+                f"stage 2: {s.finetune} fine-tune", params,
+                lambda g: denoising_loss(self.unet, self.schedule, x0, e_opt, g, self.precision),
+                steps=s.finetune_steps, lr=s.finetune_lr, seed=s.seed + 1,
+                resume_path=rd.resume_state(2) if rd else None, save_every=s.save_every, callback=callback,
+                progress=self.progress, on_save=(lambda st: rd.write_losses(2, st.losses)) if rd else None)
+            finetuned = self._finetuned_state(s.finetune)
+            if rd is not None:
+                self._write_finetuned(rd, s.finetune)
+        if rd is not None:
+            rd.write_losses(2, state.losses)
+            rd.resume_state(2).unlink(missing_ok=True)
+            rd.log(f"stage 2 done: {s.finetune}, {s.finetune_steps} steps, final loss "
+                   f"{state.losses[-1] if state.losses else 'n/a'}, peak memory {peak_memory(self.device)}")
+        return finetuned, state.losses
+
+    @contextlib.contextmanager
+    def _trainable(self, s: FitSettings) -> Iterator[List[Tensor]]:
+        """Make the stage-2 parameters trainable (fp32), yield them, and restore the base model afterwards."""
+        if s.finetune == "lora":
+            L.inject_lora(self.unet, rank=s.lora_rank, alpha=s.lora_alpha, seed=s.seed)
+            try:
+                yield L.lora_parameters(self.unet)
+            finally:
+                L.remove_lora(self.unet)
+            return
+        base = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
+        self.unet.float().requires_grad_(True)  # trainable weights and their Adam moments stay fp32
+        try:
+            yield list(self.unet.parameters())
+        finally:
+            self.unet.requires_grad_(False).load_state_dict(base)
+            self.unet.to(PRECISIONS[self.precision])
+
+    def _finetuned_state(self, mode: str) -> Dict[str, Tensor]:
+        if mode == "lora":
+            return {k: v.detach().cpu().clone() for k, v in L.lora_state_dict(self.unet).items()}
+        return {k: v.detach().cpu().clone() for k, v in self.unet.state_dict().items()}
+
+    def _write_finetuned(self, rd: RunDir, mode: str) -> None:
+        if mode == "lora":  # the kohya layout, which other SD tools load
+            save_safetensors(rd.lora, L.to_kohya(self.unet, self.config.unet),
+                             {"ss_network_module": "networks.lora", "imagic_base_sha256":
+                              read_args_field(rd, "checkpoint_sha256") or ""})
+        else:
+            save_safetensors(rd.full_unet, {k: v for k, v in self.unet.state_dict().items()})
+
+    def _read_finetuned(self, rd: RunDir, mode: str) -> Dict[str, Tensor]:
+        tensors = load_safetensors(rd.finetuned(mode))[0]
+        if mode == "full":
+            return tensors
+        with self._lora_loaded_from_kohya(tensors):
+            return self._finetuned_state("lora")
+
+    @contextlib.contextmanager
+    def _lora_loaded_from_kohya(self, kohya: Dict[str, Tensor]) -> Iterator[None]:
+        L.from_kohya(self.unet, kohya, self.config.unet)
+        try:
+            yield
+        finally:
+            L.remove_lora(self.unet)
+
+    @contextlib.contextmanager
+    def finetuned_model(self, run: Run) -> Iterator[None]:
+        """Inside the block `self.unet` is the run's fine-tuned model; the base model comes back afterwards."""
+        if run.settings.finetune == "lora":
+            L.load_lora_state_dict(self.unet, {k: v.to(self.device) for k, v in run.finetuned.items()})
+            L.merge_lora(self.unet)  # sampling is faster merged; remove_lora below restores the base weights
+            try:
+                yield
+            finally:
+                L.unmerge_lora(self.unet)
+                L.remove_lora(self.unet)
+            return
+        base = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
+        self.unet.load_state_dict({k: v.to(self.device) for k, v in run.finetuned.items()})
+        try:
+            yield
+        finally:
+            self.unet.load_state_dict(base)
+
+    def load_run(self, directory: Union[str, Path]) -> Run:
+        """A finished run from its directory (stage 3 only needs these files)."""
+        rd = RunDir(directory)
+        from .fileio import read_json
+
+        if not rd.args.exists():
+            raise RunError(f"{rd.root}: not a run directory (no args.json)")
+        args = read_json(rd.args)
+        s = FitSettings(**args["settings"])
+        missing = [p.name for p in (rd.target_embedding, rd.optimized_embedding, rd.finetuned(s.finetune))
+                   if not p.exists()]
+        if missing:
+            raise RunError(f"{rd.root}: the run is not finished (missing {', '.join(missing)}); "
+                           "run `imagic train` on it again to resume")
+        with Image.open(rd.input_image) as im:
+            pil = im.convert("RGB")
+        return Run(target_text=args["target_text"], settings=s,
+                   target_embedding=load_safetensors(rd.target_embedding)[0]["embedding"],
+                   optimized_embedding=load_safetensors(rd.optimized_embedding)[0]["embedding"],
+                   finetuned=self._read_finetuned(rd, s.finetune), input_image=pil,
+                   losses={"stage1": rd.read_losses(1), "stage2": rd.read_losses(2)}, directory=rd.root)
+
+    # --- stage 3 ------------------------------------------------------------------------------------------
+    def sample_latents(self, context: Tensor, seeds: Sequence[int], guidance_scale: float = 7.5, steps: int = 50,
+                       ddim_eta: float = 0.0, negative_prompt: str = "", start: Optional[Tensor] = None,
+                       strength: float = 1.0) -> Tensor:
+        """DDIM with classifier-free guidance from `context`, one latent per seed (initial noise from a CPU
+        generator, so CPU and GPU runs start alike). With `start`, SDEdit from that latent at `strength`."""
+        uncond = self.encode_text(negative_prompt)
+        shape = (1, self.config.unet.in_channels, self.config.latent_size, self.config.latent_size)
+        out = []
+        for seed in seeds:
+            gen = torch.Generator().manual_seed(seed)
+            latents, start_step = initial_latents(shape, seed, self.device), 0
+            if start is not None:  # SDEdit: noise the input's latent to the strength's timestep
+                latents, start_step = sdedit_start(self.schedule, start, strength, steps, latents)
+            with autocast(self.device, self.precision):
+                out.append(sample_ddim(self._denoiser, self.schedule, latents, context.to(self.device),
+                                       uncond.to(self.device), steps=steps, guidance_scale=guidance_scale,
+                                       ddim_eta=ddim_eta, generator=gen, progress=self.progress,
+                                       start_step=start_step))
+        return torch.cat(out)
+
+    def _sample(self, context: Tensor, seeds: Sequence[int], guidance_scale: float, steps: int, ddim_eta: float,
+                negative_prompt: str, start: Optional[Tensor] = None, strength: float = 1.0) -> List[Image.Image]:
+        return self.decode(self.sample_latents(context, seeds, guidance_scale, steps, ddim_eta, negative_prompt,
+                                               start, strength))
+
+    def _denoiser(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        dtype = PRECISIONS[self.precision]
+        return self.unet(x.to(dtype), t, context.to(dtype)).float()
+
+    def sample(self, run: Run, alpha: Union[float, Sequence[float]] = (0.6, 0.7, 0.8, 0.9, 1.0),
+               seeds: Union[int, Sequence[int]] = (0,), guidance_scale: float = 7.5, steps: int = 50,
+               ddim_eta: float = 0.0, negative_prompt: str = "", save: bool = True) -> SampleResult:
+        """Stage 3: for each alpha, e = alpha * e_tgt + (1 - alpha) * e_opt (paper eq. 4), sampled with the
+        fine-tuned model. Saves samples and the grid into the run directory when there is one."""
+        alphas = [float(alpha)] if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
+        seed_list = [int(seeds)] if isinstance(seeds, int) else [int(x) for x in seeds]
+        images: Dict[Tuple[int, float], Image.Image] = {}
+        with self.finetuned_model(run):
+            for a in alphas:
+                e = a * run.target_embedding + (1 - a) * run.optimized_embedding
+                for seed, img in zip(seed_list, self._sample(e, seed_list, guidance_scale, steps, ddim_eta,
+                                                             negative_prompt)):
+                    images[(seed, a)] = img
+        grid = make_grid([[images[(sd, a)] for a in alphas] for sd in seed_list],
+                         row_labels=[f"seed {sd}" for sd in seed_list], col_labels=[f"alpha {a:g}" for a in alphas])
+        if save and run.directory is not None:
+            self._save_samples(run, images, grid, guidance_scale, steps, ddim_eta, negative_prompt)
+        return SampleResult(images=images, grid=grid, seeds=seed_list, alphas=alphas)
+
+    def _save_samples(self, run: Run, images: Dict[Tuple[int, float], Image.Image], grid: Image.Image,
+                      guidance_scale: float, steps: int, ddim_eta: float, negative_prompt: str) -> None:
+        rd = RunDir(run.directory)  # type: ignore[arg-type]
+        rd.samples.mkdir(parents=True, exist_ok=True)
+        common = {"target_text": run.target_text, "guidance_scale": guidance_scale, "steps": steps,
+                  "ddim_eta": ddim_eta, "negative_prompt": negative_prompt, "finetune": run.settings.finetune,
+                  "sampler": "DDIM", "software": f"imagic {library_versions()['imagic']}"}
+        for (seed, a), img in images.items():
+            save_png(img, rd.samples / f"seed{seed}_alpha{a:g}.png", {**common, "seed": seed, "alpha": a})
+        save_png(grid, rd.grid, {**common, "seeds": sorted({k[0] for k in images}),
+                                 "alphas": sorted({k[1] for k in images}), "layout": "rows=seeds, columns=alphas"})
+
+    # --- sanity checks of a checkpoint ---------------------------------------------------------------------------
+    def txt2img(self, prompt: str, seeds: Union[int, Sequence[int]] = (0,), guidance_scale: float = 7.5,
+                steps: int = 50, ddim_eta: float = 0.0, negative_prompt: str = "") -> List[Image.Image]:
+        seed_list = [int(seeds)] if isinstance(seeds, int) else list(seeds)
+        return self._sample(self.encode_text(prompt), seed_list, guidance_scale, steps, ddim_eta, negative_prompt)
+
+    def img2img(self, image: ImageLike, prompt: str, strength: float = 0.75, seeds: Union[int, Sequence[int]] = (0,),
+                guidance_scale: float = 7.5, steps: int = 50, ddim_eta: float = 0.0, negative_prompt: str = "",
+                fit: str = "crop") -> List[Image.Image]:
+        """SDEdit (Meng et al. 2022): noise the input to `strength`, then denoise towards the prompt."""
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        seed_list = [int(seeds)] if isinstance(seeds, int) else list(seeds)
+        x0 = self.encode_image(self.prepare_image(image, fit))
+        return self._sample(self.encode_text(prompt), seed_list, guidance_scale, steps, ddim_eta, negative_prompt,
+                            start=x0, strength=strength)
+
+
+def read_args_field(rd: RunDir, key: str) -> Optional[str]:
+    from .fileio import read_json
+
+    return read_json(rd.args).get(key) if rd.args.exists() else None

@@ -1,0 +1,142 @@
+"""The run directory: the on-disk state of one edit, so sampling never needs retraining.
+
+    args.json                      every setting, the checkpoint's sha256, library versions
+    input.png                      the preprocessed input image (what was encoded)
+    target_embedding.safetensors   e_tgt (stage 0)
+    optimized_embedding.safetensors e_opt (written when stage 1 finishes: its presence means "stage 1 done")
+    lora.safetensors               stage 2 result, kohya layout (LoRA mode) -- or --
+    unet.safetensors               the whole fine-tuned UNet (full mode)
+    stage1.resume.pt / stage2.resume.pt   periodic state of an unfinished stage (deleted when it finishes)
+    loss_stage1.csv, loss_stage2.csv, losses.png   loss curves
+    samples/seed{S}_alpha{A}.png, grid.png         stage 3 outputs, settings in PNG text metadata
+    run.log                        what happened, with peak memory per stage
+
+Every file is written atomically. A lock file keeps a second process out while one is working on the run.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import platform
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from PIL import Image, ImageDraw
+
+from .fileio import OutputError, PathLike, read_json, write_csv, write_json
+
+
+class RunError(ValueError):
+    """A run directory that cannot be used as asked (locked by another process, or holding another edit)."""
+
+
+def library_versions() -> Dict[str, str]:
+    import numpy
+    import PIL
+    import safetensors
+    import torch
+
+    from . import __version__
+
+    return {"imagic": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "pillow": PIL.__version__, "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+class RunDir:
+    """Paths and small helpers for one run directory. Use as a context manager to hold its lock."""
+
+    def __init__(self, root: PathLike):
+        self.root = Path(root)
+        self._lock_fd: Optional[int] = None
+
+    # --- layout -------------------------------------------------------------------------------------------
+    args = property(lambda self: self.root / "args.json")
+    input_image = property(lambda self: self.root / "input.png")
+    target_embedding = property(lambda self: self.root / "target_embedding.safetensors")
+    optimized_embedding = property(lambda self: self.root / "optimized_embedding.safetensors")
+    lora = property(lambda self: self.root / "lora.safetensors")
+    full_unet = property(lambda self: self.root / "unet.safetensors")
+    samples = property(lambda self: self.root / "samples")
+    grid = property(lambda self: self.root / "grid.png")
+    log_file = property(lambda self: self.root / "run.log")
+    loss_plot = property(lambda self: self.root / "losses.png")
+
+    def resume_state(self, stage: int) -> Path:
+        return self.root / f"stage{stage}.resume.pt"
+
+    def loss_csv(self, stage: int) -> Path:
+        return self.root / f"loss_stage{stage}.csv"
+
+    def finetuned(self, mode: str) -> Path:
+        return self.lora if mode == "lora" else self.full_unet
+
+    # --- lock ---------------------------------------------------------------------------------------------
+    def __enter__(self) -> "RunDir":
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(self.root, e) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise RunError(f"{self.root}: another imagic process is working on this run directory") from None
+            raise
+        self._lock_fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- contents -----------------------------------------------------------------------------------------
+    def check_or_write_args(self, args: Dict[str, Any], identity: Sequence[str]) -> None:
+        """Write args.json, or check that an existing one describes the same edit (the `identity` keys)."""
+        if self.args.exists():
+            old = read_json(self.args)
+            diff = [k for k in identity if old.get(k) != args.get(k)]
+            if diff:
+                raise RunError(f"{self.root} holds another edit (different {', '.join(diff)}); "
+                               "choose a new --out directory")
+            return
+        write_json(self.args, args)
+
+    def log(self, line: str) -> None:
+        with open(self.log_file, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+
+    def write_losses(self, stage: int, losses: Sequence[float]) -> None:
+        write_csv(self.loss_csv(stage), ["step", "loss"], [(i + 1, repr(float(v))) for i, v in enumerate(losses)])
+
+    def read_losses(self, stage: int) -> List[float]:
+        path = self.loss_csv(stage)
+        if not path.exists():
+            return []
+        lines = path.read_text().splitlines()[1:]
+        return [float(line.split(",")[1]) for line in lines if line]
+
+
+def plot_losses(curves: Dict[str, Sequence[float]], width: int = 640, height: int = 240) -> Image.Image:
+    """A small line chart of loss curves, one panel per stage, drawn with PIL (no plotting dependency)."""
+    panels = [(name, list(v)) for name, v in curves.items() if len(v) > 0]
+    img = Image.new("RGB", (width, height * max(1, len(panels))), "white")
+    draw = ImageDraw.Draw(img)
+    for i, (name, values) in enumerate(panels):
+        top, left, pad = i * height, 50, 20
+        lo, hi = min(values), max(values)
+        span = (hi - lo) or 1.0
+        w, h = width - left - pad, height - 2 * pad
+        pts = [(left + w * j / max(1, len(values) - 1), top + pad + h * (1 - (v - lo) / span))
+               for j, v in enumerate(values)]
+        draw.rectangle([left, top + pad, left + w, top + pad + h], outline="gray")
+        if len(pts) > 1:
+            draw.line(pts, fill=(30, 90, 200), width=1)
+        draw.text((left + 4, top + 4), f"{name}: {len(values)} steps, last {values[-1]:.4g}", fill="black")
+        draw.text((2, top + pad), f"{hi:.3g}", fill="black")
+        draw.text((2, top + pad + h - 10), f"{lo:.3g}", fill="black")
+    return img

@@ -1,0 +1,151 @@
+"""The optimisation loop shared by both Imagic training stages, with seeded noise, resumable state and NaN checks.
+
+Both stages minimise the same denoising loss on the input image's latent x0 (paper eq. 2, and eq. 3 for the
+fine-tuning with e_opt frozen):
+
+    L(params) = || target(x0, eps, t) - f(x_t, t, e) ||^2,   x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+
+with t uniform and eps standard normal, both drawn from one seeded CPU generator, so a run is bit-identical on CPU
+for a given seed, and a resumed run continues the exact random stream of the interrupted one. The target is the noise
+for epsilon models and the velocity for v models (SD 2.x 768-v) — what the model was trained to predict.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import resource
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .fileio import atomic_path
+from .schedule import NoiseSchedule
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# callback(stage, step, loss) after every optimiser step; a notebook can plot or stop (raise) from it.
+StepCallback = Callable[[str, int, float], None]
+
+
+class NumericalError(RuntimeError):
+    """A NaN or Inf loss. The message names the stage and the step; the last saved state is left intact."""
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: str) -> Iterator[None]:
+    """Autocast the forward pass to fp16/bf16 (trainable tensors stay fp32); a no-op for fp32."""
+    if precision == "fp32":
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=PRECISIONS[precision]):
+        yield
+
+
+def peak_memory(device: torch.device) -> str:
+    """Peak memory so far: allocated GPU memory on CUDA, the process's max resident set on CPU."""
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA peak allocated)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
+
+
+def denoising_loss(unet: nn.Module, schedule: NoiseSchedule, x0: Tensor, context: Tensor,
+                   generator: torch.Generator, precision: str = "fp32") -> Tensor:
+    """One Monte-Carlo sample of the denoising loss, noise and timestep from `generator` (a CPU generator)."""
+    b = x0.shape[0]
+    t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+    x_t = schedule.add_noise(x0, noise, t)
+    target = schedule.training_target(x0, noise, t)
+    with autocast(x0.device, precision):
+        pred = unet(x_t, t, context.expand(b, -1, -1))
+    return F.mse_loss(pred.float(), target.float())
+
+
+@dataclass
+class LoopState:
+    """Everything needed to continue a stage exactly where it stopped."""
+
+    step: int = 0
+    losses: List[float] = field(default_factory=list)
+
+
+def _save_resume(path: Path, params: Sequence[Tensor], opt: torch.optim.Optimizer, gen: torch.Generator,
+                 state: LoopState) -> None:
+    # Our own file of plain tensors and numbers: read back with torch.load(weights_only=True).
+    payload = {"step": state.step, "losses": state.losses, "rng": gen.get_state(),
+               "params": [p.detach().cpu() for p in params], "optimizer": opt.state_dict()}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _load_resume(path: Path, params: Sequence[Tensor], opt: torch.optim.Optimizer,
+                 gen: torch.Generator) -> LoopState:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        for p, saved in zip(params, payload["params"]):
+            p.copy_(saved.to(p.device))
+    opt.load_state_dict(payload["optimizer"])
+    gen.set_state(payload["rng"])
+    return LoopState(step=int(payload["step"]), losses=[float(x) for x in payload["losses"]])
+
+
+def run_loop(stage: str, params: List[Tensor], loss_fn: Callable[[torch.Generator], Tensor], steps: int, lr: float,
+             seed: int, resume_path: Optional[Path] = None, save_every: int = 50,
+             callback: Optional[StepCallback] = None, progress: bool = True,
+             on_save: Optional[Callable[[LoopState], None]] = None) -> LoopState:
+    """Adam on `params` for `steps` steps of `loss_fn(generator)`.
+
+    With `resume_path`, state is saved there every `save_every` steps (atomically) and, when the file exists at
+    start, the loop continues from it: parameters, Adam moments and the RNG stream are restored, so the result equals
+    an uninterrupted run. A non-finite loss raises NumericalError before the optimiser touches the parameters.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(params, lr=lr)
+    state = LoopState()
+    if resume_path is not None and resume_path.exists():
+        state = _load_resume(resume_path, params, opt, gen)
+        log.info("%s: resuming at step %d of %d", stage, state.step, steps)
+    bar = tqdm(total=steps, initial=state.step, desc=stage, disable=not progress, dynamic_ncols=True)
+    try:
+        while state.step < steps:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(gen)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NumericalError(f"{stage}: loss is {value} at step {state.step + 1}; nothing was updated "
+                                     "(try --precision fp32 or a lower learning rate; the run can be resumed)")
+            loss.backward()
+            opt.step()
+            state.step += 1
+            state.losses.append(value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}")
+            if callback is not None:
+                callback(stage, state.step, value)
+            if resume_path is not None and (state.step % save_every == 0 or state.step == steps):
+                _save_resume(resume_path, params, opt, gen, state)
+                if on_save is not None:
+                    on_save(state)
+    finally:
+        bar.close()
+    return state
+
+
+@torch.no_grad()
+def fixed_loss(unet: nn.Module, schedule: NoiseSchedule, x0: Tensor, context: Tensor, seed: int = 1234,
+               n: int = 8, precision: str = "fp32") -> float:
+    """The denoising loss averaged over a fixed set of (t, noise): a low-variance yardstick for tests and logs."""
+    gen = torch.Generator().manual_seed(seed)
+    return sum(float(denoising_loss(unet, schedule, x0, context, gen, precision)) for _ in range(n)) / n
+
+
+def loss_curve_rows(losses: Sequence[float]) -> List[Dict[str, float]]:
+    return [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]
