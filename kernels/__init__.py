@@ -3,16 +3,17 @@
 Installed as `imagic.kernels`. Every public op dispatches: a Triton kernel on CUDA when Triton is importable
 and the shape is supported, the torch reference otherwise. `use_triton(False)` (or `IMAGIC_KERNELS=torch`)
 forces the reference side for A/B runs; `use_triton(True)` (or `IMAGIC_KERNELS=triton`) forces Triton,
-which also runs under `TRITON_INTERPRET=1` on the CPU for tests.
+which also runs on the CPU under `TRITON_INTERPRET=1` for tests. That variable must be set before anything
+imports Triton (see dispatch.py); `interpreter_ready()` checks it. Each op's Triton path has a backward pass.
 """
-from .dispatch import use_triton, triton_available, triton_enabled
+from .dispatch import interpreter_ready, use_triton, triton_available, triton_enabled
 from .attention import attention, attention_reference
 from .group_norm import group_norm, group_norm_reference
 from .layer_norm import layer_norm, layer_norm_reference
 from .geglu import geglu, geglu_reference
 
 __all__ = [
-    "use_triton", "triton_available", "triton_enabled",
+    "use_triton", "triton_available", "triton_enabled", "interpreter_ready",
     "attention", "attention_reference",
     "group_norm", "group_norm_reference",
     "layer_norm", "layer_norm_reference",

@@ -1,0 +1,108 @@
+"""The `imagic` CLI end to end on a tiny checkpoint, and its one-line errors for user mistakes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from imagic.cli import main
+from imagic.images import read_png_metadata
+from tests.tiny import write_tiny_checkpoint
+
+STEPS = ["--embed-steps", "3", "--finetune-steps", "3", "--steps", "2", "--quiet", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    ckpt = write_tiny_checkpoint(d / "tiny.safetensors", "sd1")
+    img = d / "photo.png"
+    Image.new("RGBA", (50, 30), (200, 10, 10, 128)).save(img)  # RGBA and non-square on purpose
+    return d, ckpt, img
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_edit_then_sample_again(files, capsys, tmp_path):
+    d, ckpt, img = files
+    out = tmp_path / "run"
+    code, stdout, err = _run(["edit", "--ckpt", str(ckpt), "--image", str(img), "--prompt", "a red square",
+                              "--out", str(out), "--alpha", "0", "1", "--seeds", "0", "1", *STEPS], capsys)
+    assert code == 0, err
+    assert "grid.png" in stdout
+    assert (out / "grid.png").is_file() and len(list((out / "samples").glob("*.png"))) == 4
+    meta = read_png_metadata(out / "samples" / "seed1_alpha1.png")
+    assert json.loads(meta["seed"]) == 1 and json.loads(meta["alpha"]) == 1.0
+    args = json.loads((out / "args.json").read_text())
+    assert args["settings"]["embed_steps"] == 3 and len(args["checkpoint_sha256"]) == 64
+    assert "torch" in args["versions"]
+    code, stdout, err = _run(["sample", "--run", str(out), "--alpha", "0.5", "--seeds", "7", "--steps", "2",
+                              "--quiet", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert (out / "samples" / "seed7_alpha0.5.png").is_file()
+
+
+def test_train_resumes_and_txt2img_img2img(files, capsys, tmp_path):
+    d, ckpt, img = files
+    argv = ["train", "--ckpt", str(ckpt), "--image", str(img), "--prompt", "a red square", "--out",
+            str(tmp_path / "run"), "--fit", "pad", *STEPS[:4], "--quiet", "--device", "cpu"]
+    assert _run(argv, capsys)[0] == 0
+    assert _run(argv, capsys)[0] == 0  # finished stages are skipped
+    assert not (tmp_path / "run" / "grid.png").exists()
+    code, stdout, err = _run(["txt2img", "--ckpt", str(ckpt), "--prompt", "a cat", "--out", str(tmp_path / "t"),
+                              "--seeds", "0", "--steps", "2", "--quiet", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "t" / "txt2img_seed0.png").is_file()
+    code, stdout, err = _run(["img2img", "--ckpt", str(ckpt), "--image", str(img), "--prompt", "a cat",
+                              "--out", str(tmp_path / "i"), "--strength", "0.5", "--steps", "4", "--quiet",
+                              "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "i" / "img2img_seed0.png").is_file()
+
+
+def test_user_errors_are_one_line(files, capsys, tmp_path):
+    d, ckpt, img = files
+    (d / "notes.png").write_text("not an image")
+    base = ["edit", "--ckpt", str(ckpt), "--out", str(tmp_path / "o"), *STEPS]
+    cases = {
+        "missing image": (base + ["--image", str(d / "nope.jpg"), "--prompt", "x"], "nope.jpg"),
+        "not an image": (base + ["--image", str(d / "notes.png"), "--prompt", "x"], "notes.png"),
+        "bad checkpoint": (["edit", "--ckpt", str(img), "--image", str(img), "--prompt", "x", "--out",
+                            str(tmp_path / "o2"), *STEPS], "not a checkpoint"),
+        "cuda absent": (base[:-2] + ["--device", "cuda:0", "--image", str(img), "--prompt", "x"], "CUDA"),
+        "unfinished run": (["sample", "--run", str(tmp_path), "--quiet"], "not a run directory"),
+    }
+    for name, (argv, needle) in cases.items():
+        code, out, err = _run(argv, capsys)
+        assert code == 2, (name, err)
+        assert err.startswith("imagic: error:") and err.count("\n") == 1 and needle in err, (name, err)
+
+
+@pytest.mark.parametrize("argv", [
+    ["edit", "--prompt", "   "], ["edit", "--embed-steps", "-3"], ["edit", "--lora-rank", "0"],
+    ["edit", "--finetune", "dreambooth"], ["sample"],
+])
+def test_bad_arguments_exit_2_with_usage(files, argv, capsys):
+    d, ckpt, img = files
+    full = argv + ["--ckpt", str(ckpt), "--image", str(img), "--out", "x"] if argv[0] == "edit" else argv
+    if argv[0] == "edit" and "--prompt" not in argv:
+        full += ["--prompt", "ok"]
+    with pytest.raises(SystemExit) as e:
+        main(full)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_no_traceback_in_a_real_process(files, tmp_path):
+    d, ckpt, img = files
+    r = subprocess.run([sys.executable, "-m", "imagic.cli", "edit", "--ckpt", str(ckpt), "--image",
+                        str(d / "missing.png"), "--prompt", "x", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
