@@ -1,6 +1,17 @@
-"""imagic: Imagic (Kawar et al., CVPR 2023) text-based real image editing on Stable Diffusion, from scratch."""
-from .config import ModelConfig, UNetConfig, VAEConfig, TextConfig, preset
+"""imagic: Imagic (Kawar et al., CVPR 2023) text-based real image editing on Stable Diffusion, from scratch.
+
+    editor = imagic.Editor.from_checkpoint("v1-5-pruned-emaonly.safetensors", device="cuda", precision="bf16")
+    run = editor.fit("dog.png", "a photo of a sitting dog", out="runs/dog")
+    editor.sample(run, alpha=[0.9, 1.0, 1.1], seeds=[0, 1]).grid
+"""
+from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig, preset
+from .editor import Editor, FitSettings, Run, SampleResult
+from .loader import StableDiffusion, inspect_checkpoint, load_checkpoint
+from .schedule import NoiseSchedule
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelConfig", "UNetConfig", "VAEConfig", "TextConfig", "preset", "__version__"]
+__all__ = [
+    "Editor", "FitSettings", "Run", "SampleResult", "load_checkpoint", "inspect_checkpoint", "StableDiffusion",
+    "ModelConfig", "UNetConfig", "VAEConfig", "TextConfig", "preset", "NoiseSchedule", "__version__",
+]

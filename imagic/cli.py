@@ -68,7 +68,8 @@ def _positive(kind: type, minimum: float = 0, inclusive: bool = False) -> Callab
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected a{'n integer' if kind is int else ' number'}, got {text!r}") from None
         if value < minimum or (value == minimum and not inclusive):
             raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum}, got {text}")
         return value
@@ -88,6 +89,8 @@ def _add_model_args(p: argparse.ArgumentParser, ckpt_required: bool = True) -> N
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="frozen weights and autocast precision; trainable tensors stay fp32 (default fp32)")
     p.add_argument("--use-ema", action="store_true", help="use the UNet's EMA weights when the file has them")
+    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+                   help="fused Triton kernels (auto: on CUDA when Triton is installed) or the torch path")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -133,7 +136,11 @@ def _device(name: str):
 
 
 def _editor(args: argparse.Namespace, ckpt: str):
+    import os
+
     from .editor import Editor
+
+    os.environ["IMAGIC_KERNELS"] = args.kernels  # read by imagic.kernels.dispatch at every call
 
     return Editor.from_checkpoint(ckpt, config=args.config, device=_device(args.device), precision=args.precision,
                                   use_ema=args.use_ema, progress=not args.quiet,

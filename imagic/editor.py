@@ -17,6 +17,7 @@ Usage:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,8 +28,8 @@ from PIL import Image
 from torch import Tensor
 
 from . import lora as L
-from .fileio import load_safetensors, save_safetensors, sha256_file
-from .images import from_pil, load_image, make_grid, save_png, to_pil
+from .fileio import load_safetensors, read_json, save_safetensors, sha256_file
+from .images import from_pil, load_image, make_grid, save_png, square, to_pil
 from .loader import StableDiffusion, load_checkpoint
 from .rundir import RunDir, RunError, library_versions, plot_losses
 from .samplers import initial_latents, sample_ddim, sdedit_start
@@ -140,8 +141,6 @@ class Editor:
         if isinstance(image, Tensor):
             image = to_pil(image.detach().cpu().reshape(-1, *image.shape[-3:])[:1])[0]
         if isinstance(image, Image.Image):
-            from .images import square
-
             return square(image.convert("RGB"), size, fit)  # type: ignore[arg-type]
         return to_pil(load_image(image, size, fit))[0]  # type: ignore[arg-type]
 
@@ -178,8 +177,6 @@ class Editor:
 
     def _fit(self, pil: Image.Image, target_text: str, s: FitSettings, rd: Optional[RunDir],
              callback: Optional[StepCallback]) -> Run:
-        import hashlib
-
         image_sha = hashlib.sha256(pil.tobytes()).hexdigest()
         if rd is not None:
             rd.check_or_write_args(self._run_args(target_text, s, image_sha),
@@ -271,8 +268,8 @@ class Editor:
     def _write_finetuned(self, rd: RunDir, mode: str) -> None:
         if mode == "lora":  # the kohya layout, which other SD tools load
             save_safetensors(rd.lora, L.to_kohya(self.unet, self.config.unet),
-                             {"ss_network_module": "networks.lora", "imagic_base_sha256":
-                              read_args_field(rd, "checkpoint_sha256") or ""})
+                             {"ss_network_module": "networks.lora",
+                              "imagic_base_sha256": read_json(rd.args).get("checkpoint_sha256") or ""})
         else:
             save_safetensors(rd.full_unet, {k: v for k, v in self.unet.state_dict().items()})
 
@@ -313,8 +310,6 @@ class Editor:
     def load_run(self, directory: Union[str, Path]) -> Run:
         """A finished run from its directory (stage 3 only needs these files)."""
         rd = RunDir(directory)
-        from .fileio import read_json
-
         if not rd.args.exists():
             raise RunError(f"{rd.root}: not a run directory (no args.json)")
         args = read_json(rd.args)
@@ -411,8 +406,3 @@ class Editor:
         return self._sample(self.encode_text(prompt), seed_list, guidance_scale, steps, ddim_eta, negative_prompt,
                             start=x0, strength=strength)
 
-
-def read_args_field(rd: RunDir, key: str) -> Optional[str]:
-    from .fileio import read_json
-
-    return read_json(rd.args).get(key) if rd.args.exists() else None

@@ -17,7 +17,7 @@ import math
 import resource
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,3 @@ def fixed_loss(unet: nn.Module, schedule: NoiseSchedule, x0: Tensor, context: Te
     gen = torch.Generator().manual_seed(seed)
     return sum(float(denoising_loss(unet, schedule, x0, context, gen, precision)) for _ in range(n)) / n
 
-
-def loss_curve_rows(losses: Sequence[float]) -> List[Dict[str, float]]:
-    return [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]

@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import sys
 import types
-import warnings
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from safetensors.torch import save_file
 from imagic import detect as D
 from imagic.checkpoint import CheckpointError, read_state_dict
 from imagic.cli import main
-from imagic.config import ModelConfig, preset, to_ldm_yaml
+from imagic.config import preset, to_ldm_yaml
 from imagic.export import ldm_state_dict
 from imagic.loader import load_checkpoint
 from tests.tiny import tiny_config, tiny_models, write_tiny_checkpoint

@@ -250,7 +250,7 @@ def test_ddpm_step_matches_diffusers(prediction_type):
 # --- guidance and latents -----------------------------------------------------------------------------------------
 
 def test_cfg_scale_one_is_the_conditional_model():
-    model, (context, uncond), x = FakeModel(), _contexts(), torch.randn(SHAPE)
+    model, (context, _uncond), x = FakeModel(), _contexts(), torch.randn(SHAPE)
     out = guided_model_output(model, x, 500, context, None, 1.0)
     assert model.calls == 1 and torch.equal(out, model(x, torch.full((2,), 500), context))
 
