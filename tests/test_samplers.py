@@ -280,3 +280,13 @@ def test_initial_latents_seeded():
     assert not torch.allclose(a, initial_latents(SHAPE, seed=43))
     half = initial_latents(SHAPE, seed=42, dtype=torch.float16)
     assert half.dtype == torch.float16 and torch.equal(half, a.half())
+
+
+def test_initial_latents_match_diffusers_randn_tensor_with_a_cpu_generator():
+    """Seeded like diffusers pipelines given a CPU generator, so a seed means the same start on CPU and GPU."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    shape = (1, 4, 8, 8)
+    ours = initial_latents(shape, seed=1234)
+    theirs = randn_tensor(shape, generator=torch.Generator().manual_seed(1234), dtype=torch.float32)
+    assert torch.equal(ours, theirs)
