@@ -247,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "- err = forward max abs error / std vs the fp32 reference. n/a: the backend refuses the shape; "
         "-: not applicable.",
     ]
-    write_table(f"kernels_{gpu_slug()}", f"Triton kernels vs torch ({args.dtype})", header, rows, notes)
+    write_table(f"kernels_{gpu_slug()}_{args.dtype}", f"Triton kernels vs torch ({args.dtype})", header, rows, notes)
     return 0
 
 
