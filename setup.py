@@ -29,6 +29,9 @@ setup(
             "hypothesis>=6",
             "diffusers>=0.30",
             "transformers>=4.40",
+            "peft>=0.17",  # diffusers' LoRA loaders need it (kohya interop test)
+            "lpips>=0.1.4",  # reference LPIPS
+            "scikit-image>=0.22",  # reference SSIM
         ],
     },
     entry_points={"console_scripts": ["imagic=imagic.cli:main"]},

@@ -98,6 +98,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, help="input photo (any common format)")
     p.add_argument("--prompt", required=True, type=_prompt, help='target text, e.g. "a photo of a sitting dog"')
     p.add_argument("--out", required=True, help="run directory (an existing one is resumed)")
+    _add_fit_args(p)
+
+
+def _add_fit_args(p: argparse.ArgumentParser) -> None:
+    """The stage 1-2 settings (FitSettings), shared by `edit`, `train` and `batch`."""
     p.add_argument("--fit", choices=["crop", "pad"], default="crop", help="non-square images: centre-crop or pad")
     p.add_argument("--finetune", choices=["lora", "full"], default="lora")
     p.add_argument("--embed-steps", type=_positive(int, 0, True), default=1000)
@@ -278,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     i2i.add_argument("--fit", choices=["crop", "pad"], default="crop")
     _add_sample_args(i2i)
     i2i.set_defaults(func=cmd_img2img)
+
+    from .batch import add_batch_parser  # imported here: batch.py builds on this module's helpers
+    add_batch_parser(sub)
     return p
 
 

@@ -148,6 +148,9 @@ def load_checkpoint(path: PathLike, config: ConfigLike = None, dtype: torch.dtyp
 
     path = Path(path)
     device = torch.device(device)
+    if path.is_dir():  # a diffusers model folder (unet/, vae/, text_encoder/, ...): imagic/diffusers_format.py
+        from .diffusers_format import load_diffusers_folder
+        return load_diffusers_folder(path, dtype, device, vae_dtype)
     sd = read_state_dict(path)
     det = D.detect(sd)
     evidence = list(det.evidence)

@@ -8,8 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Two CPU cores in CI: keep torch from oversubscribing them.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The tests run tiny models: one thread is fastest for them, and two threads on two busy cores (helpers, CI
+# neighbours) were measured up to 50x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,476 @@
+"""`imagic batch`: many independent edits from a manifest, spread over processes with torch.distributed.
+
+    imagic batch MANIFEST --ckpt MODEL --out DIR [edit settings]              one process
+    torchrun --nproc_per_node 8 -m imagic.cli batch MANIFEST --ckpt MODEL --out DIR   (any number of nodes)
+
+Manifest: one edit per entry, `image` (relative to the manifest's folder) and `target_text`, optionally `seed` (the
+training seed) and any other stage 1-3 setting for that edit only (`embed_steps`, `finetune`, `alpha`, `seeds`,
+`guidance_scale`, ...; the command line gives the defaults). Formats:
+- JSON Lines (`.jsonl`): one object per line;
+- CSV (`.csv`): a header row with those names; list values (alpha, seeds) separated by spaces;
+- JSON (`.json`): a list of objects, such as TEdBench's `input_list.json`, whose `img_name` lies in the
+  manifest folder's `originals/`.
+
+Output (DIR):
+    NNN-<image>-<text>/     one run directory per edit (rundir.py), resumed if it exists, plus
+        DONE                written last, JSON: samples, grid, metrics; its presence means "finished"
+        FAILED              the error of the last attempt (removed when the edit is tried again)
+        metrics.csv, tradeoff.png    per sample metrics; CLIP score vs LPIPS over alpha (with both metrics)
+    summary.csv             one row per edit: status, run directory, grid, metrics per alpha
+    metrics.csv             one row per sample (edit, seed, alpha) with every metric
+    contact_sheet.png       one row per edit: the input, then its samples
+
+Work is split statically: process `rank` of `world_size` takes the edits i with i % world_size == rank, so a
+restart gives every process the same edits again; there is no scheduler. Finished edits are skipped, unfinished
+ones resume where their run directory stopped, and a failed edit is recorded and does not stop the others. After
+a barrier, rank 0 writes the summary. Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the
+processes join a gloo process group: it only carries that barrier (no tensors are exchanged), which gloo does on
+CPU and GPU machines alike, without NCCL's watchdog timing out a rank that waits hours for the slowest one. DIR
+must be on a filesystem all nodes share.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import datetime
+import functools
+import json
+import logging
+import os
+import re
+import sys
+import time
+import traceback
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from PIL import Image, ImageOps
+
+from .editor import FitSettings
+from .fileio import PathLike, read_json, write_csv, write_json, write_text
+from .images import ImageError, make_grid, open_image, save_png
+from .metrics import EditMetrics, MetricsError, plot_tradeoff
+
+log = logging.getLogger(__name__)
+
+METRICS = ("psnr", "ssim", "clip_score", "lpips")
+BARRIER_TIMEOUT = datetime.timedelta(days=7)  # ranks that finish early wait at the barrier for the slowest one
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read; the message names the file and the entry."""
+
+
+@dataclass
+class SampleSettings:
+    """Stage 3 settings of one edit (the arguments of `Editor.sample`)."""
+
+    alpha: List[float] = field(default_factory=lambda: [0.6, 0.7, 0.8, 0.9, 1.0])
+    seeds: List[int] = field(default_factory=lambda: [0])
+    guidance_scale: float = 7.5
+    steps: int = 50
+    ddim_eta: float = 0.0
+    negative_prompt: str = ""
+
+
+@dataclass
+class Edit:
+    """One manifest entry: what to edit, and the settings that differ from the command line's."""
+
+    index: int
+    image: Path
+    target_text: str
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """A stable run directory name: the index (the manifest order) plus slugs a person can read."""
+        return f"{self.index:03d}-{_slug(self.image.stem, 24)}-{_slug(self.target_text, 40)}"
+
+
+def _slug(text: str, length: int) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length].strip("-") or "x"
+
+
+# --- manifests --------------------------------------------------------------------------------------------------
+
+def _setting_types() -> Dict[str, Any]:
+    """Every per-edit setting and its type, from the dataclasses that define them."""
+    return {**typing.get_type_hints(FitSettings), **typing.get_type_hints(SampleSettings)}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """A manifest value (typed in JSON, a string in CSV) as the setting's type."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union:  # Optional[X]
+        return None if value in (None, "") else _coerce(key, value, args[0])
+    if typing.get_origin(hint) in (list, List):
+        items = value if isinstance(value, list) else [value] if isinstance(value, (int, float)) else \
+            str(value).replace(",", " ").split()
+        return [_coerce(key, v, args[0]) for v in items]
+    if hint is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{value!r} is not an integer")
+    return hint(value)
+
+
+def _entries(path: Path) -> List[Dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path}: not a UTF-8 text file") from None
+    try:
+        if path.suffix.lower() == ".csv":
+            return [dict(row) for row in csv.DictReader(text.splitlines())]
+        if path.suffix.lower() == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        if path.suffix.lower() == ".json":
+            doc = json.loads(text)
+            return doc if isinstance(doc, list) else [doc]
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: invalid JSON ({e})") from None
+    raise ManifestError(f"{path}: unknown manifest type (use .jsonl, .csv or a .json list)")
+
+
+def read_manifest(path: PathLike) -> List[Edit]:
+    """The edits of a manifest, validated up front so a typo fails before hours of work, not in the middle."""
+    path = Path(path)
+    types = _setting_types()
+    edits = []
+    for i, entry in enumerate(_entries(path)):
+        where = f"{path}: entry {i + 1}"
+        if not isinstance(entry, dict):
+            raise ManifestError(f"{where}: not an object")
+        entry = {k: v for k, v in entry.items() if v not in (None, "")}
+        if "img_name" in entry:  # TEdBench: input_list.json beside originals/
+            image = path.parent / "originals" / str(entry.pop("img_name"))
+        elif "image" in entry:
+            image = path.parent / str(entry.pop("image"))
+        else:
+            raise ManifestError(f"{where}: no image (an `image` path, or TEdBench's `img_name`)")
+        text = str(entry.pop("target_text", "")).strip()
+        if not text:
+            raise ManifestError(f"{where}: no target_text")
+        unknown = sorted(set(entry) - set(types))
+        if unknown:
+            raise ManifestError(f"{where}: unknown setting(s) {', '.join(unknown)}; per-edit settings are "
+                                f"{', '.join(sorted(types))}")
+        try:
+            overrides = {k: _coerce(k, v, types[k]) for k, v in entry.items()}
+        except (TypeError, ValueError) as e:
+            raise ManifestError(f"{where}: bad value ({e})") from None
+        edits.append(Edit(index=i, image=image, target_text=text, overrides=overrides))
+    if not edits:
+        raise ManifestError(f"{path}: no edits")
+    return edits
+
+
+def shard(n: int, rank: int, world_size: int) -> List[int]:
+    """The edits one process runs: static and deterministic, so a restart hands out the same work."""
+    return list(range(rank, n, world_size))
+
+
+# --- running ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class BatchSettings:
+    """The command line's defaults for every edit, the metrics to compute and the contact sheet size."""
+
+    fit: Dict[str, Any]
+    sample: SampleSettings
+    metrics: EditMetrics = field(default_factory=EditMetrics)
+    thumb_size: int = 128
+
+
+def _split(edit: Edit, s: BatchSettings) -> Tuple[Dict[str, Any], SampleSettings]:
+    fit_names = {f.name for f in dataclasses.fields(FitSettings)}
+    fit = {**s.fit, **{k: v for k, v in edit.overrides.items() if k in fit_names}}
+    sample = dataclasses.replace(s.sample, **{k: v for k, v in edit.overrides.items() if k not in fit_names})
+    return fit, sample
+
+
+def run_edit(editor, edit: Edit, directory: Path, s: BatchSettings) -> Dict[str, Any]:
+    """Fit (resuming), sample, measure; returns what DONE records."""
+    fit, sample = _split(edit, s)
+    start = time.time()
+    run = editor.fit(edit.image, edit.target_text, out=directory, **fit)
+    result = editor.sample(run, alpha=sample.alpha, seeds=sample.seeds, guidance_scale=sample.guidance_scale,
+                           steps=sample.steps, ddim_eta=sample.ddim_eta, negative_prompt=sample.negative_prompt)
+    rows = [{"seed": seed, "alpha": a, **s.metrics(img, run.input_image, edit.target_text)}
+            for (seed, a), img in sorted(result.images.items())]
+    names = ["seed", "alpha"] + s.metrics.names
+    write_csv(directory / "metrics.csv", names, [[r[k] for k in names] for r in rows])
+    if "clip_score" in s.metrics.names and "lpips" in s.metrics.names:
+        alphas = sorted({r["alpha"] for r in rows})
+        points = [(a, _mean(rows, a, "clip_score"), _mean(rows, a, "lpips")) for a in alphas]
+        save_png(plot_tradeoff(points, title=f"{edit.index}: {edit.target_text[:50]}"), directory / "tradeoff.png")
+    return {"status": "done", "index": edit.index, "target_text": edit.target_text,
+            "samples": {f"{seed}:{a:g}": str(directory / "samples" / f"seed{seed}_alpha{a:g}.png")
+                        for seed, a in result.images},
+            "grid": str(directory / "grid.png"), "metrics": rows, "seconds": round(time.time() - start, 1)}
+
+
+def _mean(rows: Sequence[Dict[str, Any]], alpha: float, key: str) -> float:
+    values = [r[key] for r in rows if r["alpha"] == alpha and key in r]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def run_shard(get_editor: Callable[[], Any], edits: Sequence[Edit], out: PathLike, s: BatchSettings,
+              rank: int = 0, world_size: int = 1, echo: Callable[[str], None] = log.info) -> Dict[int, str]:
+    """Run this process's share of the edits; returns {index: "done" | "skipped" | "failed"}.
+
+    `get_editor()` (cached by the caller) is first called for the first unfinished edit, so a restart with
+    nothing left to do does not load the checkpoint. Any exception inside an edit is recorded in its FAILED file and the next edit starts;
+    only an interrupt (KeyboardInterrupt) stops the loop.
+    """
+    out = Path(out)
+    status: Dict[int, str] = {}
+    mine = shard(len(edits), rank, world_size)
+    for n, i in enumerate(mine):
+        edit = edits[i]
+        directory = out / edit.name
+        if (directory / "DONE").is_file():
+            echo(f"[rank {rank}] {n + 1}/{len(mine)} skip {edit.name}: done")
+            status[i] = "skipped"
+            continue
+        editor = get_editor()  # outside the try: a checkpoint that does not load is no edit's failure
+        (directory / "FAILED").unlink(missing_ok=True)
+        echo(f"[rank {rank}] {n + 1}/{len(mine)} start {edit.name}")
+        try:
+            record = run_edit(editor, edit, directory, s)
+        except Exception as e:  # noqa: BLE001 - one bad edit must not stop the batch; the error is recorded
+            _record_failure(directory, e)
+            _release_memory()
+            echo(f"[rank {rank}] {n + 1}/{len(mine)} FAILED {edit.name}: {_one_line(e)}")
+            status[i] = "failed"
+            continue
+        write_json(directory / "DONE", {**record, "rank": rank,
+                                        "finished": datetime.datetime.now().isoformat(timespec="seconds")})
+        echo(f"[rank {rank}] {n + 1}/{len(mine)} done {edit.name} ({record['seconds']} s)")
+        status[i] = "done"
+    return status
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}" if str(e).strip() else type(e).__name__
+
+
+def _record_failure(directory: Path, e: BaseException) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    write_text(directory / "FAILED", _one_line(e) + "\n\n" + "".join(traceback.format_exception(e)))
+
+
+def _release_memory() -> None:
+    """After a failure (often CUDA out of memory) drop cached blocks so the next edit starts clean."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- summary ----------------------------------------------------------------------------------------------------
+
+def _state(directory: Path) -> Tuple[str, Dict[str, Any], str]:
+    if (directory / "DONE").is_file():
+        return "done", read_json(directory / "DONE"), ""
+    if (directory / "FAILED").is_file():
+        return "failed", {}, (directory / "FAILED").read_text(encoding="utf-8").splitlines()[0]
+    return "pending", {}, ""
+
+
+def write_summary(edits: Sequence[Edit], out: PathLike, s: BatchSettings) -> Dict[str, Path]:
+    """summary.csv (one row per edit), metrics.csv (one row per sample) and contact_sheet.png, from the run
+    directories on disk (so edits finished by earlier invocations are included)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    states = [(edit, *_state(out / edit.name)) for edit in edits]
+    names = [m for m in METRICS if any(m in r for _, _, rec, _ in states for r in rec.get("metrics", []))]
+    summary, samples = [], []
+    for edit, status, record, error in states:
+        rows = record.get("metrics", [])
+        alphas = sorted({r["alpha"] for r in rows})
+        per_alpha = [" ".join(f"{a:g}:{_mean(rows, a, m):.4g}" for a in alphas) for m in names]
+        seed = {**s.fit, **edit.overrides}.get("seed", "")
+        summary.append([edit.index, str(edit.image), edit.target_text, seed, status, str(out / edit.name),
+                        record.get("grid", ""), error, *per_alpha])
+        samples += [[edit.index, str(edit.image), edit.target_text, r["seed"], r["alpha"],
+                     *[r.get(m, "") for m in names]] for r in rows]
+    paths = {"summary": out / "summary.csv", "metrics": out / "metrics.csv", "contact_sheet": out / "contact_sheet.png"}
+    write_csv(paths["summary"], ["index", "image", "target_text", "seed", "status", "run_dir", "grid", "error",
+                                 *[f"{m} (alpha:mean over seeds)" for m in names]], summary)
+    write_csv(paths["metrics"], ["index", "image", "target_text", "seed", "alpha", *names], samples)
+    save_png(contact_sheet(states, out, s.thumb_size), paths["contact_sheet"])
+    return paths
+
+
+def _thumb(path: Path, size: int) -> Image.Image:
+    try:
+        img = open_image(path)
+    except ImageError:
+        return Image.new("RGB", (size, size), (200, 200, 200))
+    img = ImageOps.contain(img, (size, size), Image.Resampling.LANCZOS)  # shrink or enlarge to the cell
+    canvas = Image.new("RGB", (size, size), "white")
+    canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
+    return canvas
+
+
+def contact_sheet(states: Sequence[Tuple[Edit, str, Dict[str, Any], str]], out: Path, size: int) -> Image.Image:
+    """One row per edit: the input (as encoded when there is a run, else the file), then every sample in
+    (seed, alpha) order; grey where an image is missing."""
+    rows, labels, keys = [], [], []
+    for edit, status, record, _ in states:
+        source = out / edit.name / "input.png"
+        row = [_thumb(source if source.is_file() else edit.image, size)]
+        ordered = sorted(record.get("samples", {}).items(), key=lambda kv: tuple(map(float, kv[0].split(":"))))
+        row += [_thumb(Path(p), size) for _, p in ordered]
+        keys.append([k for k, _ in ordered])
+        rows.append(row)
+        labels.append(f"{edit.index} {status}: {edit.target_text[:36]}")
+    width = max(len(r) for r in rows)
+    blank = Image.new("RGB", (size, size), "white")
+    rows = [r + [blank] * (width - len(r)) for r in rows]
+    same = [k for k in keys if k]
+    columns = None
+    if same and all(k == same[0] for k in same) and len(same[0]) == width - 1:
+        columns = ["input"] + [f"seed {k.split(':')[0]} a={k.split(':')[1]}" for k in same[0]]
+    return make_grid(rows, row_labels=labels, col_labels=columns)
+
+
+# --- distributed ------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def distributed() -> Iterator[Tuple[int, int, int]]:
+    """(rank, world_size, local_rank): a gloo process group under torchrun, a single process otherwise."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield 0, 1, 0
+        return
+    dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    try:
+        yield dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    from .cli import _add_fit_args, _add_model_args, _add_sample_args
+
+    p.add_argument("manifest", help="edits: .jsonl / .csv / .json list (e.g. TEdBench's input_list.json)")
+    p.add_argument("--out", required=True, help="output folder: one run directory per edit, the summary")
+    _add_model_args(p)
+    _add_fit_args(p)
+    _add_sample_args(p)
+    m = p.add_argument_group("metrics (PSNR and SSIM against the input are always computed)")
+    m.add_argument("--clip-weights", help="CLIP score: local open_clip checkpoint file or model folder")
+    m.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture of a --clip-weights file")
+    m.add_argument("--lpips-weights", help="LPIPS: local lpips weights (a state dict, or the linear layers)")
+    m.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex", help="LPIPS backbone (default alex)")
+    m.add_argument("--lpips-backbone", help="torchvision AlexNet/VGG16 weights, when --lpips-weights has only "
+                                            "the linear layers")
+    p.add_argument("--thumb-size", type=int, default=128, help="contact sheet cell size in pixels")
+
+
+def add_batch_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `batch` subcommand to `imagic`'s subparsers (its func is `cmd_batch`)."""
+    p = subparsers.add_parser("batch", help="many edits from a manifest; spreads over processes under torchrun")
+    configure_parser(p)
+    p.set_defaults(func=cmd_batch)
+    return p
+
+
+def _device(args: argparse.Namespace, local_rank: int):
+    """The process's device: under torchrun a bare "cuda" (or "auto" on a GPU machine) means cuda:LOCAL_RANK."""
+    import torch
+
+    from .cli import _device as parse
+
+    dev = parse(args.device)
+    return torch.device("cuda", local_rank) if dev.type == "cuda" and dev.index is None else dev
+
+
+def _metrics(args: argparse.Namespace, device, echo: Callable[[str], None]) -> EditMetrics:
+    from .metrics import LPIPS, ClipScorer
+
+    clip = ClipScorer.from_local(args.clip_weights, args.clip_arch, device) if args.clip_weights else None
+    lpips = LPIPS.from_files(args.lpips_weights, args.lpips_net, args.lpips_backbone, device) \
+        if args.lpips_weights else None
+    missing = [flag for flag, model in (("--clip-weights", clip), ("--lpips-weights", lpips)) if model is None]
+    if missing:
+        echo(f"metrics: PSNR, SSIM{'' if clip is None else ', CLIP score'}{'' if lpips is None else ', LPIPS'}; "
+             f"for {' and '.join('CLIP score' if f == '--clip-weights' else 'LPIPS' for f in missing)} pass "
+             f"{' / '.join(missing)} (local files; nothing is downloaded)")
+    return EditMetrics(clip, lpips, device)
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Returns 0 when every edit of the manifest is done, 1 when some failed (see summary.csv)."""
+    from .cli import UserError, _editor
+
+    def echo(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        edits = read_manifest(args.manifest)
+    except ManifestError as e:
+        raise UserError(str(e)) from None
+    with distributed() as (rank, world, local_rank):
+        device = _device(args, local_rank)
+        try:
+            metrics = _metrics(args, device, echo if rank == 0 else log.info)
+        except MetricsError as e:
+            raise UserError(str(e)) from None
+        fit = {f.name: getattr(args, f.name) for f in dataclasses.fields(FitSettings)}
+        sample = SampleSettings(alpha=args.alpha, seeds=args.seeds, guidance_scale=args.guidance_scale,
+                                steps=args.steps, ddim_eta=args.ddim_eta, negative_prompt=args.negative_prompt)
+        settings = BatchSettings(fit=fit, sample=sample, metrics=metrics, thumb_size=args.thumb_size)
+
+        @functools.lru_cache(maxsize=None)
+        def editor():  # `imagic edit`'s own loader, on this process's device
+            return _editor(argparse.Namespace(**{**vars(args), "device": str(device)}), args.ckpt)
+
+        echo(f"[rank {rank}] {len(shard(len(edits), rank, world))} of {len(edits)} edits on {device}")
+        run_shard(editor, edits, args.out, settings, rank, world, echo)
+        barrier(world)
+        if rank != 0:
+            return 0
+        paths = write_summary(edits, args.out, settings)
+    states = [_state(Path(args.out) / e.name)[0] for e in edits]
+    echo(f"{states.count('done')} done, {states.count('failed')} failed, {states.count('pending')} pending; "
+         f"wrote {paths['summary']}, {paths['metrics']} and {paths['contact_sheet']}")
+    return 0 if states.count("done") == len(edits) else 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m imagic.batch ...`, the same as `imagic batch ...` (torchrun can launch either with `-m`)."""
+    from .cli import EXIT_USER_ERROR, _user_errors
+
+    p = argparse.ArgumentParser(prog="imagic batch", description="many Imagic edits from a manifest")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    configure_parser(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return cmd_batch(args)
+    except _user_errors() as e:
+        print(f"imagic: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
