@@ -8,6 +8,11 @@ public checkpoints (`preset("sd1")`, `preset("sd2")`, `preset("sd2-v")`).
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import reprlib
+import stat
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Tuple, Union
@@ -169,24 +174,52 @@ class ConfigError(ValueError):
     """An LDM yaml that does not describe a model we can build."""
 
 
-def from_ldm_yaml(source: Union[str, Path, Dict[str, Any]]) -> ModelConfig:
-    """Map an original LDM inference yaml onto a ModelConfig; sizes and `parameterization` are honoured."""
-    if isinstance(source, dict):
-        doc = source
-    else:
-        try:
-            doc = yaml.safe_load(Path(source).read_text())
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read config {source}: {e}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config {source} is not valid YAML: {str(e).splitlines()[0]}") from None
+def _read_yaml(source: Union[str, Path]) -> Any:
+    """yaml.safe_load of a file (never a constructor that runs code), refusing what is not a regular file."""
     try:
-        params = doc["model"]["params"]
-        unet_p = dict(params["unet_config"]["params"])
-        first = params["first_stage_config"]["params"]
-        cond = params["cond_stage_config"]
-    except (KeyError, TypeError) as e:
-        raise ConfigError(f"not an LDM inference config: missing {e}") from None
+        if not stat.S_ISREG(os.stat(source).st_mode):  # a FIFO would block the read forever
+            raise ConfigError(f"cannot read config {source}: not a regular file")
+        return yaml.safe_load(Path(source).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config {source}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {source} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively: '[[[[...' exhausts the stack
+        raise ConfigError(f"config {source} is nested too deeply") from None
+
+
+def from_ldm_yaml(source: Union[str, Path, Dict[str, Any]]) -> ModelConfig:
+    """Map an original LDM inference yaml onto a ModelConfig; sizes and `parameterization` are honoured.
+
+    Anything that is not such a config (wrong structure, wrong types, sizes that are not positive integers)
+    raises ConfigError, whose message is one line.
+    """
+    doc = source if isinstance(source, dict) else _read_yaml(source)
+    try:
+        cfg = _from_ldm_doc(doc)
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError, OverflowError) as e:
+        what = f"missing {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
+        raise ConfigError(f"not an LDM inference config: {what}") from None
+    return validate(cfg)
+
+
+def validate(cfg: ModelConfig) -> ModelConfig:
+    """Return `cfg` if every field of it and of its parts has its annotated type and every size is a positive
+    integer; raise ConfigError otherwise. For configs made from data rather than code: yamls, the shapes of a
+    checkpoint's tensors, diffusers config.json files."""
+    for part in (cfg, cfg.unet, cfg.vae, cfg.text):
+        _check_fields(part)
+    return cfg
+
+
+def _from_ldm_doc(doc: Any) -> ModelConfig:
+    """The mapping itself; a malformed document fails here with KeyError, TypeError, ... (see from_ldm_yaml)."""
+    params = doc["model"]["params"]
+    unet_p = dict(params["unet_config"]["params"])
+    first = params["first_stage_config"]["params"]
+    cond = params["cond_stage_config"]
     if unet_p.get("use_spatial_transformer", True) is False:
         raise ConfigError("UNets without a spatial transformer (use_spatial_transformer: False) are not supported")
     if unet_p.get("num_classes") is not None or unet_p.get("adm_in_channels") is not None:
@@ -206,7 +239,7 @@ def from_ldm_yaml(source: Union[str, Path, Dict[str, Any]]) -> ModelConfig:
     parameterization = params.get("parameterization", "eps")
     prediction: PredictionType = "v" if parameterization == "v" else "epsilon"
     if parameterization not in ("eps", "v"):
-        raise ConfigError(f"parameterization {parameterization!r} is not supported (eps or v)")
+        raise ConfigError(f"parameterization {reprlib.repr(parameterization)} is not supported (eps or v)")
     image_size = int(params.get("image_size", 64)) * vae.downsample_factor
     family: Family = "custom"
     if text.kind == "openai":
@@ -219,6 +252,51 @@ def from_ldm_yaml(source: Union[str, Path, Dict[str, Any]]) -> ModelConfig:
         linear_start=float(params.get("linear_start", 0.00085)), linear_end=float(params.get("linear_end", 0.012)),
         unet=unet, vae=vae, text=text,
     )
+
+
+# Sizes that may be -1 ("unused": the other of num_heads / num_head_channels fixes the head size).
+_MAY_BE_UNSET = {"num_heads", "num_head_channels"}
+# Tuples of sizes that may be empty (no attention at any resolution).
+_MAY_BE_EMPTY = {"attention_resolutions", "attn_resolutions"}
+
+
+def _check_fields(obj: Any) -> None:
+    """Every field of a config dataclass has its annotated type, and every size is a positive integer.
+
+    A yaml is free text: `model_channels: "320"`, `ch_mult: 4` or `timesteps: .inf` parse fine, and would only
+    fail later, deep inside a model constructor, with a message that says nothing about the yaml.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        if not _has_type(value, hint, f.name):
+            raise ConfigError(f"{type(obj).__name__}.{f.name} = {reprlib.repr(value)} is not a valid "
+                              f"{_type_name(hint)}")
+
+
+def _has_type(value: Any, hint: Any, name: str) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return value in args
+    if origin is tuple:
+        return isinstance(value, tuple) and (len(value) > 0 or name in _MAY_BE_EMPTY) and \
+            all(_has_type(v, int, name) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:  # bool is an int subclass: `channels: true` is not a size
+        return isinstance(value, int) and not isinstance(value, bool) and \
+            (value >= 1 or (value == -1 and name in _MAY_BE_UNSET))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "choice: one of " + ", ".join(map(repr, typing.get_args(hint)))
+    if typing.get_origin(hint) is tuple:
+        return "tuple of positive integers"
+    return {int: "positive integer", float: "finite number", bool: "boolean"}.get(hint, getattr(hint, "__name__", ""))
 
 
 _UNET_YAML_KEYS = {f.name for f in dataclasses.fields(UNetConfig)}
@@ -238,10 +316,11 @@ def _text_from_cond(cond: Dict[str, Any], context_dim: int) -> TextConfig:
     elif target.endswith("ImagicTextEncoder"):  # our own small models (weights/shapes) spell every size out
         t = _build(TextConfig, dict(p))
     else:
-        raise ConfigError(f"text encoder {target or '(none)'} is not supported "
+        raise ConfigError(f"text encoder {reprlib.repr(target) if target else '(none)'} is not supported "
                           "(FrozenCLIPEmbedder for SD1, FrozenOpenCLIPEmbedder for SD2)")
     if t.width != context_dim:
-        raise ConfigError(f"text width {t.width} does not match the UNet's context_dim {context_dim}")
+        raise ConfigError(f"text width {reprlib.repr(t.width)} does not match the UNet's context_dim "
+                          f"{reprlib.repr(context_dim)}")
     return t
 
 

@@ -18,8 +18,10 @@ import hashlib
 import io
 import json
 import os
+import re
 import secrets
 import stat
+import struct
 from pathlib import Path
 from typing import IO, Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
@@ -45,6 +47,10 @@ def _output_error(path: PathLike, cause: OSError) -> OutputError:
     return OutputError(message) if cause.errno is None else OutputError(cause.errno, message)
 
 
+# `_create_temp`'s names: a crash between creating and renaming (kill -9, power loss) leaves one of these behind.
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+
+
 def _create_temp(path: Path) -> Path:
     """Create an empty, exclusively owned temporary file next to `path`.
 
@@ -58,6 +64,20 @@ def _create_temp(path: Path) -> Path:
             return tmp
         except FileExistsError:
             continue
+
+
+def remove_stale_temporaries(directory: PathLike) -> int:
+    """Delete the temporary files that killed writers left in `directory`; returns how many.
+
+    Only safe while no other process writes there: run directories call it while holding their lock.
+    """
+    removed = 0
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(directory):
+            if _TEMP_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                _remove_quietly(Path(entry.path))
+                removed += 1
+    return removed
 
 
 def _fsync_file(path: Path) -> None:
@@ -193,13 +213,65 @@ def save_safetensors(path: PathLike, tensors: Dict[str, torch.Tensor],
     I/O errors arrive as a non-OSError `SafetensorError` (and which reports nothing when writing to /dev/full).
     The cost is one extra copy of the file in memory while saving. Tensors sharing storage must be cloned by
     the caller: safetensors refuses aliasing, which would otherwise double-save or silently untie weights.
+    Equal tensors and metadata give equal bytes (see `_sorted_metadata`).
     """
     meta = None if metadata is None else {str(k): v if isinstance(v, str) else json.dumps(v)
                                           for k, v in metadata.items()}
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    data = safetensors.torch.save(cpu, metadata=meta)
+    data = _sorted_metadata(safetensors.torch.save(cpu, metadata=meta))
     with atomic_write(path) as f:
         f.write(data)
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """safetensors writes `__metadata__` in hash-map order, which differs from one call to the next: sort it, so
+    that a resumed run's LoRA file is byte-identical to an uninterrupted run's (and their sha256 agree).
+
+    The header is JSON padded with spaces to a multiple of 8 bytes; tensor offsets count from the end of the
+    header, so rewriting it leaves the data as it is.
+    """
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    if len(header.get("__metadata__") or {}) < 2:
+        return blob
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
+
+
+class _KeepWriteError:
+    """A file object that remembers the OSError of a failed write before the caller turns it into something else."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_torch(path: PathLike, obj: Any) -> None:
+    """torch.save, atomically, with write failures (full disk, size limits) raised as OutputError.
+
+    torch's zip writer reports a failed write as a RuntimeError ("basic_ios::clear: iostream error",
+    "unexpected pos ...") that has lost the errno; writing through a file object that keeps the OSError lets
+    us raise the real cause instead.
+    """
+    with atomic_write(path) as f:
+        writer = _KeepWriteError(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
 
 
 def load_safetensors(path: PathLike, device: str = "cpu") -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:

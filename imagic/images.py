@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
@@ -42,16 +43,30 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _check_file(path: Path) -> None:
+    """Refuse what is not a regular, non-empty file before opening it: a FIFO would block the open forever,
+    a device like /dev/zero never ends, and /proc-style pseudo-files (size 0) can block on read."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except OSError as e:  # symlink loops (ELOOP), a file used as a directory (ENOTDIR), permissions, ...
+        raise ImageError(f"{path}: cannot read ({e.strerror or _one_line(e)})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{path}: is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{path}: not a regular file")
+    if st.st_size == 0:
+        raise ImageError(f"{path}: not an image (empty file)")
+
+
 def _open(path: Path, max_pixels: int) -> Image.Image:
     """Open (not decode) an image file, refusing missing files, non-images and oversized images.
 
     PIL's own bomb guard (`Image.MAX_IMAGE_PIXELS`, a process-wide setting we leave alone) warns above its
     limit and raises above twice it; our `max_pixels` replaces the warning, and PIL's error is reported too.
     """
-    if not path.exists():
-        raise ImageError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageError(f"{path}: is a directory, not an image file")
+    _check_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -62,6 +77,8 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise ImageError(f"{path}: not an image (unrecognised or unsupported format)") from e
     except OSError as e:
         raise ImageError(f"{path}: cannot read ({e.strerror or _one_line(e)})") from e
+    except Exception as e:  # Pillow's header parsers raise ValueError, struct.error, ... on broken headers
+        raise ImageError(f"{path}: corrupt image header ({_one_line(e)})") from e
     w, h = im.size
     if w * h == 0 or w * h > max_pixels:
         im.close()
@@ -93,7 +110,9 @@ def open_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         try:  # a freshly opened file is on its first frame, which is the one we use for animations
             im.load()
             upright = ImageOps.exif_transpose(im)
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"{path}: too large, refused as a possible decompression bomb ({_one_line(e)})") from e
+        except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, TypeError, ... on bad data
             raise ImageError(f"{path}: truncated or corrupt image ({_one_line(e)})") from e
         try:
             return _to_rgb(upright)

@@ -11,7 +11,8 @@
     samples/seed{S}_alpha{A}.png, grid.png         stage 3 outputs, settings in PNG text metadata
     run.log                        what happened, with peak memory per stage
 
-Every file is written atomically. A lock file keeps a second process out while one is working on the run.
+Every file is written atomically. A lock file keeps a second process out while one is working on the run; the
+process that takes the lock removes the temporary files a killed predecessor may have left.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from PIL import Image, ImageDraw
 
-from .fileio import OutputError, PathLike, read_json, write_csv, write_json
+from .fileio import OutputError, PathLike, read_json, remove_stale_temporaries, write_csv, write_json
 
 
 class RunError(ValueError):
@@ -76,8 +77,8 @@ class RunDir:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise OutputError(self.root, e) from e
+        except OSError as e:  # a path under a regular file, a read-only or full filesystem, ...
+            raise OutputError(e.errno, f"cannot use {self.root} as a run directory: {e.strerror or e}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -86,6 +87,8 @@ class RunDir:
                 raise RunError(f"{self.root}: another imagic process is working on this run directory") from None
             raise
         self._lock_fd = fd
+        for directory in (self.root, self.samples):
+            remove_stale_temporaries(directory)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -98,7 +101,7 @@ class RunDir:
     def check_or_write_args(self, args: Dict[str, Any], identity: Sequence[str]) -> None:
         """Write args.json, or check that an existing one describes the same edit (the `identity` keys)."""
         if self.args.exists():
-            old = read_json(self.args)
+            old = self._read_args()
             diff = [k for k in identity if old.get(k) != args.get(k)]
             if diff:
                 raise RunError(f"{self.root} holds another edit (different {', '.join(diff)}); "
@@ -106,9 +109,26 @@ class RunDir:
             return
         write_json(self.args, args)
 
+    def _read_args(self) -> Dict[str, Any]:
+        """The settings of an existing run; a damaged args.json is a RunError that says what to do."""
+        try:
+            old = read_json(self.args)
+        except UnicodeDecodeError:
+            raise RunError(f"{self.args}: unreadable (not UTF-8 text); choose a new --out directory") from None
+        except ValueError as e:  # not JSON; read_json's message names the file
+            raise RunError(f"{' '.join(str(e).split())}; choose a new --out directory") from None
+        except OSError as e:
+            raise RunError(f"{self.args}: unreadable ({e.strerror or e}); choose a new --out directory") from None
+        if not isinstance(old, dict):
+            raise RunError(f"{self.args}: not the settings of an imagic run; choose a new --out directory")
+        return old
+
     def log(self, line: str) -> None:
-        with open(self.log_file, "a", encoding="utf-8") as f:
-            f.write(line.rstrip("\n") + "\n")
+        try:
+            with open(self.log_file, "a", encoding="utf-8") as f:
+                f.write(line.rstrip("\n") + "\n")
+        except OSError as e:  # a full disk shows here too; say so in one line like every other output
+            raise OutputError(e.errno, f"cannot write {self.log_file}: {e.strerror or e}") from e
 
     def write_losses(self, stage: int, losses: Sequence[float]) -> None:
         write_csv(self.loss_csv(stage), ["step", "loss"], [(i + 1, repr(float(v))) for i, v in enumerate(losses)])
@@ -117,8 +137,12 @@ class RunDir:
         path = self.loss_csv(stage)
         if not path.exists():
             return []
-        lines = path.read_text().splitlines()[1:]
-        return [float(line.split(",")[1]) for line in lines if line]
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()[1:]
+            return [float(line.split(",")[1]) for line in lines if line]
+        except (OSError, ValueError, IndexError) as e:  # ValueError: not UTF-8, or not a number
+            raise RunError(f"{path}: unreadable loss curve ({' '.join(str(e).split())}); delete it (the results "
+                           "stay, the curve is lost) or choose a new --out directory") from None
 
 
 def plot_losses(curves: Dict[str, Sequence[float]], width: int = 640, height: int = 240) -> Image.Image:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import functools
 import gzip
+import heapq
 import html
 import importlib.util
 import warnings
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import regex
 import torch
@@ -113,25 +114,40 @@ class Tokenizer:
 
     def _bpe(self, word: str) -> Tuple[str, ...]:
         """Merge the characters of one pre-token, lowest-ranked pair first, until no known pair is left.
-        The last character carries `</w>` so word-final pieces get their own ids."""
+        The last character carries `</w>` so word-final pieces get their own ids.
+
+        CLIP's loop rescans the whole word for its best pair after every merge, which is quadratic: a pasted
+        100,000-letter "word" takes it many minutes. Here the same merges are made in the same order (all
+        occurrences of the best pair, left to right, then the next best pair) from a heap of candidate pairs
+        over a linked list of symbols, in O(n log n).
+        """
         if word in (SOT, EOT):
             return (word,)
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            pairs = set(zip(parts, parts[1:]))
-            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
-            if best not in self.ranks:
-                break
-            merged, i = [], 0
-            while i < len(parts):  # merge every occurrence of `best`, left to right
-                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        return tuple(parts)
+        parts: List[Optional[str]] = list(word[:-1]) + [word[-1] + "</w>"]
+        nxt = list(range(1, len(parts))) + [-1]  # linked list over `parts`; merged-away symbols become None
+        prv = list(range(-1, len(parts) - 1))
+        heap = [(self.ranks[pair], i) for i, pair in enumerate(zip(parts, parts[1:])) if pair in self.ranks]
+        heapq.heapify(heap)
+        while heap:
+            rank = heap[0][0]
+            starts = set()
+            while heap and heap[0][0] == rank:
+                starts.add(heapq.heappop(heap)[1])
+            merged = []
+            for i in sorted(starts):  # every occurrence of this pair, left to right, as CLIP's scan does
+                j = nxt[i]
+                if parts[i] is None or j < 0 or self.ranks.get((parts[i], parts[j])) != rank:
+                    continue  # stale: a neighbour was merged since this pair was queued
+                parts[i], parts[j] = parts[i] + parts[j], None  # type: ignore[operator]
+                nxt[i] = nxt[j]
+                if nxt[i] >= 0:
+                    prv[nxt[i]] = i
+                merged.append(i)
+            for i in {k for m in merged for k in (prv[m], m) if k >= 0 and nxt[k] >= 0}:  # the new pairs
+                pair = (parts[i], parts[nxt[i]])
+                if pair in self.ranks:
+                    heapq.heappush(heap, (self.ranks[pair], i))  # type: ignore[index]
+        return tuple(p for p in parts if p is not None)
 
     def encode(self, text: str) -> List[int]:
         """Token ids of `text`, without start/end tokens and without truncation."""
@@ -163,8 +179,9 @@ class Tokenizer:
         for row, text in enumerate(texts):
             ids = self.encode(text)
             if len(ids) > keep:
+                shown = self.decode(ids[keep:keep + 16]) + (" ..." if len(ids) > keep + 16 else "")
                 warnings.warn(f"prompt is {len(ids)} tokens, the text encoder reads {keep}: the last "
-                              f"{len(ids) - keep} tokens are dropped ({self.decode(ids[keep:])!r})", stacklevel=2)
+                              f"{len(ids) - keep} tokens are dropped ({shown!r})", stacklevel=2)
                 ids = ids[:keep]
             out[row, :len(ids) + 2] = torch.tensor([SOT_TOKEN, *ids, EOT_TOKEN])
         return out

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .fileio import atomic_path
+from .fileio import save_torch
+from .rundir import RunError
 from .schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ StepCallback = Callable[[str, int, float], None]
 
 
 class NumericalError(RuntimeError):
-    """A NaN or Inf loss. The message names the stage and the step; the last saved state is left intact."""
+    """A NaN or Inf loss or gradient. The message names the stage and the step; the last saved state is intact."""
 
 
 @contextlib.contextmanager
@@ -82,19 +83,32 @@ def _save_resume(path: Path, params: Sequence[Tensor], opt: torch.optim.Optimize
     # Our own file of plain tensors and numbers: read back with torch.load(weights_only=True).
     payload = {"step": state.step, "losses": state.losses, "rng": gen.get_state(),
                "params": [p.detach().cpu() for p in params], "optimizer": opt.state_dict()}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(path, payload)
 
 
 def _load_resume(path: Path, params: Sequence[Tensor], opt: torch.optim.Optimizer,
                  gen: torch.Generator) -> LoopState:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    with torch.no_grad():
-        for p, saved in zip(params, payload["params"]):
-            p.copy_(saved.to(p.device))
-    opt.load_state_dict(payload["optimizer"])
-    gen.set_state(payload["rng"])
-    return LoopState(step=int(payload["step"]), losses=[float(x) for x in payload["losses"]])
+    """Restore a saved state. Our writes are atomic, so an unreadable file was damaged or replaced afterwards:
+    say which file and how to start the stage over, rather than fail somewhere inside torch."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if len(payload["params"]) != len(params):
+            raise ValueError(f"{len(payload['params'])} saved tensors for {len(params)} parameters")
+        with torch.no_grad():
+            for p, saved in zip(params, payload["params"]):
+                p.copy_(saved.to(p.device))
+        opt.load_state_dict(payload["optimizer"])
+        gen.set_state(payload["rng"])
+        return LoopState(step=int(payload["step"]), losses=[float(x) for x in payload["losses"]])
+    except Exception as e:  # truncated zip, foreign pickle, wrong shapes, missing keys, ...
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise RunError(f"{path}: unreadable resume state ({reason}); delete it to restart this stage") from None
+
+
+def _grads_finite(params: Sequence[Tensor]) -> bool:
+    """One device sync for all gradients, however many parameters (full fine-tuning has hundreds)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def run_loop(stage: str, params: List[Tensor], loss_fn: Callable[[torch.Generator], Tensor], steps: int, lr: float,
@@ -105,7 +119,8 @@ def run_loop(stage: str, params: List[Tensor], loss_fn: Callable[[torch.Generato
 
     With `resume_path`, state is saved there every `save_every` steps (atomically) and, when the file exists at
     start, the loop continues from it: parameters, Adam moments and the RNG stream are restored, so the result equals
-    an uninterrupted run. A non-finite loss raises NumericalError before the optimiser touches the parameters.
+    an uninterrupted run. A non-finite loss or gradient raises NumericalError before the optimiser touches the
+    parameters, so the saved state never holds the damage.
     """
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr)
@@ -123,6 +138,10 @@ def run_loop(stage: str, params: List[Tensor], loss_fn: Callable[[torch.Generato
                 raise NumericalError(f"{stage}: loss is {value} at step {state.step + 1}; nothing was updated "
                                      "(try --precision fp32 or a lower learning rate; the run can be resumed)")
             loss.backward()
+            if not _grads_finite(params):  # e.g. fp16 overflow in the backward pass: Adam would turn it into NaN
+                raise NumericalError(f"{stage}: the gradient has inf or nan values at step {state.step + 1} (loss "
+                                     f"{value:.4g}); nothing was updated (try --precision fp32 or bf16, or a lower "
+                                     "learning rate; the run can be resumed)")
             opt.step()
             state.step += 1
             state.losses.append(value)
