@@ -130,6 +130,26 @@ def _materialize_derived_buffers(model: nn.Module, factory, device: torch.device
             owner._buffers[leaf] = reference[name].to(device)
 
 
+def _read_and_configure(path: Path, config: ConfigLike) -> tuple:
+    """Read the file, detect what it is, apply a yaml/config override. Also says whether epsilon-vs-v is known."""
+    sd = read_state_dict(path)
+    det = D.detect(sd)
+    evidence = list(det.evidence)
+    cfg = _resolve_config(path, config, evidence)
+    prediction_known = cfg is not None or det.prediction_known
+    return sd, det, cfg or det.config, evidence, prediction_known
+
+
+def _probe_prediction(unet: nn.Module, cfg: ModelConfig, evidence: List[str]) -> None:
+    """Settle epsilon vs v by the UNet's behaviour (detect.probe_v_prediction) and record why."""
+    is_v, score = D.probe_v_prediction(unet, cfg.unet.context_dim)
+    cfg.prediction_type = "v" if is_v else "epsilon"
+    if is_v:
+        cfg.family, cfg.image_size = "sd2-v", 768
+    evidence.append(f"prediction type {cfg.prediction_type}: probe mean(unet(0.5, t=999) - x) = {score:.3f} "
+                    f"({'<' if is_v else '>='} -1, the A1111 test); pass the yaml to override")
+
+
 def load_checkpoint(path: PathLike, config: ConfigLike = None, dtype: torch.dtype = torch.float32,
                     device: Union[str, torch.device] = "cpu", use_ema: bool = False,
                     vae_dtype: torch.dtype = torch.float32) -> StableDiffusion:
@@ -151,12 +171,7 @@ def load_checkpoint(path: PathLike, config: ConfigLike = None, dtype: torch.dtyp
     if path.is_dir():  # a diffusers model folder (unet/, vae/, text_encoder/, ...): imagic/diffusers_format.py
         from .diffusers_format import load_diffusers_folder
         return load_diffusers_folder(path, dtype, device, vae_dtype)
-    sd = read_state_dict(path)
-    det = D.detect(sd)
-    evidence = list(det.evidence)
-    cfg = _resolve_config(path, config, evidence)
-    prediction_known = cfg is not None or det.prediction_known
-    cfg = cfg or det.config
+    sd, det, cfg, evidence, prediction_known = _read_and_configure(path, config)
     if use_ema:
         if det.has_ema:
             sd = _ema_unet(sd, path)
@@ -178,12 +193,7 @@ def load_checkpoint(path: PathLike, config: ConfigLike = None, dtype: torch.dtyp
         warnings.warn(f"{path.name}: no text encoder in this file (cond_stage_model.*); .text_encoder is None",
                       stacklevel=2)
     if not prediction_known:
-        is_v, score = D.probe_v_prediction(unet, cfg.unet.context_dim)
-        cfg.prediction_type = "v" if is_v else "epsilon"
-        if is_v:
-            cfg.family, cfg.image_size = "sd2-v", 768
-        evidence.append(f"prediction type {cfg.prediction_type}: probe mean(unet(0.5, t=999) - x) = {score:.3f} "
-                        f"({'<' if is_v else '>='} -1, the A1111 test); pass the yaml to override")
+        _probe_prediction(unet, cfg, evidence)
     log.info("loaded %s: %s", path.name, describe(cfg))
     return StableDiffusion(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, config=cfg,
                            evidence=evidence, path=path)
@@ -200,12 +210,7 @@ def inspect_checkpoint(path: PathLike, config: ConfigLike = None, probe: bool = 
     from .vae import AutoencoderKL
 
     path = Path(path)
-    sd = read_state_dict(path)
-    det = D.detect(sd)
-    evidence = list(det.evidence)
-    cfg = _resolve_config(path, config, evidence)
-    prediction_known = cfg is not None or det.prediction_known
-    cfg = cfg or det.config
+    sd, det, cfg, evidence, prediction_known = _read_and_configure(path, config)
     parts = {"unet": (D.UNET, "", lambda: UNetModel(cfg.unet), det.has_unet),
              "vae": (D.VAE, "", lambda: AutoencoderKL(cfg.vae), det.has_vae)}
     if det.has_text:
@@ -226,12 +231,7 @@ def inspect_checkpoint(path: PathLike, config: ConfigLike = None, probe: bool = 
     unknown = sorted(k for k in sd if not k.startswith(known) and not D.is_skipped(k, True))
     if not prediction_known and probe and not problems:
         unet = _build(lambda: UNetModel(cfg.unet), _split(sd, D.UNET), "UNet", torch.float32, torch.device("cpu"))
-        is_v, score = D.probe_v_prediction(unet, cfg.unet.context_dim)
-        cfg.prediction_type = "v" if is_v else "epsilon"
-        if is_v:
-            cfg.family, cfg.image_size = "sd2-v", 768
-        evidence.append(f"prediction type {cfg.prediction_type}: probe mean(unet(0.5, t=999) - x) = {score:.3f} "
-                        f"({'<' if is_v else '>='} -1, the A1111 test)")
+        _probe_prediction(unet, cfg, evidence)
         prediction_known = True
     return {
         "path": str(path), "family": cfg.family,
