@@ -23,8 +23,19 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
+# Imagic end to end on the small built-in model (weights/shapes: 17 MB, trained on procedural shapes by
+# weights/shapes/train.py) and its example input; a couple of minutes on 2 CPU cores. For a real SD checkpoint:
+# imagic edit --ckpt v1-5-pruned-emaonly.safetensors --image photo.png --prompt "..." --out runs/photo
+DEMO_SETTINGS := --finetune full --embed-steps 100 --embed-lr 2e-2 --finetune-steps 150 --finetune-lr 1e-4 \
+	--alpha 0 0.6 0.8 1.0 1.2 --seeds 0 1 2 --steps 25 --guidance-scale 3
+demo: venv
+	rm -rf demo_out
+	$(PY) -m imagic.cli edit --ckpt weights/shapes/shapes.safetensors --image weights/shapes/example_red_circle.png \
+		--prompt "a red square on a blue background" --out demo_out $(DEMO_SETTINGS) --quiet
+	@echo "demo: input demo_out/input.png, alpha sweep demo_out/grid.png (rows: seeds, columns: alpha; 0 = input)"
+
 bench: venv
-	$(PY) benchmarks/unet_step.py
+	$(PY) benchmarks/unet_step.py --threads 1
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
