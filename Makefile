@@ -26,8 +26,9 @@ test-slow: venv
 # Imagic end to end on the small built-in model (weights/shapes: 17 MB, trained on procedural shapes by
 # weights/shapes/train.py) and its example input; a couple of minutes on 2 CPU cores. For a real SD checkpoint:
 # imagic edit --ckpt v1-5-pruned-emaonly.safetensors --image photo.png --prompt "..." --out runs/photo
-DEMO_SETTINGS := --finetune full --embed-steps 100 --embed-lr 2e-2 --finetune-steps 150 --finetune-lr 1e-4 \
-	--alpha 0 0.6 0.8 1.0 1.2 --seeds 0 1 2 --steps 25 --guidance-scale 3
+# Measured to edit on the shipped checkpoint (README, "The demo").
+DEMO_SETTINGS := --embed-steps 100 --embed-lr 1e-2 --finetune lora --finetune-steps 150 --finetune-lr 1e-3 \
+	--lora-rank 8 --alpha 0 0.6 0.8 1.0 1.2 --seeds 0 1 --steps 25 --guidance-scale 5 --device cpu
 demo: venv
 	rm -rf demo_out
 	$(PY) -m imagic.cli edit --ckpt weights/shapes/shapes.safetensors --image weights/shapes/example_red_circle.png \
