@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+import typing
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -216,13 +217,15 @@ def _check_config(result: Any) -> None:
     """A config that comes out is well typed: its sizes are positive integers and its choices are known."""
     assert isinstance(result, ModelConfig)
     for part in (result.unet, result.vae, result.text):
+        hints = typing.get_type_hints(type(part))
         for name, value in vars(part).items():
-            if isinstance(value, tuple):
+            if typing.get_origin(hints[name]) is tuple:
                 assert all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value), (name, value)
-            elif isinstance(value, int) and not isinstance(value, bool):
+            elif hints[name] is int:
+                assert isinstance(value, int) and not isinstance(value, bool), (name, value)
                 assert value >= 1 or (value == -1 and name in ("num_heads", "num_head_channels")), (name, value)
-            elif isinstance(value, float):
-                assert math.isfinite(value), (name, value)
+            elif hints[name] is float:  # an integer is a valid float (`dropout: 0`)
+                assert isinstance(value, (int, float)) and math.isfinite(value), (name, value)
     assert result.prediction_type in ("epsilon", "v") and result.image_size >= 1
     assert math.isfinite(result.scale_factor) and math.isfinite(result.linear_start)
 
