@@ -108,6 +108,13 @@ class _LoRAMixin:
         del self.weight_before_merge
         self.merged = False
 
+    def _add_lora(self, x: torch.Tensor, out: torch.Tensor, op) -> torch.Tensor:
+        """out + scale * up(down(x)) with `op` = F.linear or F.conv2d; nothing to add once merged."""
+        if self.merged:
+            return out
+        down, up = self.lora_down.weight.to(x.dtype), self.lora_up.weight.to(x.dtype)
+        return out + op(op(x, down), up) * self.scale
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}, merged={self.merged}"
 
@@ -131,11 +138,7 @@ class LoRALinear(_LoRAMixin, nn.Linear):
         return new._adopt(base)  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        if self.merged:
-            return out
-        down, up = self.lora_down.weight.to(x.dtype), self.lora_up.weight.to(x.dtype)
-        return out + F.linear(F.linear(x, down), up) * self.scale
+        return self._add_lora(x, super().forward(x), F.linear)
 
 
 class LoRAConv2d(_LoRAMixin, nn.Conv2d):
@@ -159,11 +162,7 @@ class LoRAConv2d(_LoRAMixin, nn.Conv2d):
         return new._adopt(base)  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        if self.merged:
-            return out
-        down, up = self.lora_down.weight.to(x.dtype), self.lora_up.weight.to(x.dtype)
-        return out + F.conv2d(F.conv2d(x, down), up) * self.scale
+        return self._add_lora(x, super().forward(x), F.conv2d)
 
 
 LoRAModule = Union[LoRALinear, LoRAConv2d]
