@@ -77,8 +77,10 @@ def _positive(kind: type, minimum: float = 0, inclusive: bool = False) -> Callab
 
 
 def _prompt(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("the prompt is empty")
+    from .tokenizer import clean
+
+    if not clean(text):  # what the tokenizer reads: whitespace, NULs and other controls alone leave nothing
+        raise argparse.ArgumentTypeError("the prompt is empty" + (" once cleaned" if text.strip() else ""))
     return text
 
 
@@ -196,7 +198,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     args_file = Path(args.run) / "args.json"
     if not args_file.is_file():
         raise UserError(f"{args.run}: not a run directory (no args.json)")
-    ckpt = args.ckpt or read_json(args_file).get("checkpoint")
+    try:
+        ckpt = args.ckpt or read_json(args_file).get("checkpoint")
+    except (ValueError, AttributeError) as e:  # not JSON / not UTF-8 / not an object
+        raise UserError(f"{args_file}: not the settings of an imagic run ({' '.join(str(e).split())})") from None
     if not ckpt:
         raise UserError(f"{args.run}: the run does not name its checkpoint; pass --ckpt")
     editor = _editor(args, ckpt)
@@ -293,6 +298,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    # Pillow logs an ERROR line for some broken images before raising what we report in one line anyway.
+    logging.getLogger("PIL").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
     try:
         return int(args.func(args) or 0)
     except _user_errors() as e:

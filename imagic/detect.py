@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .checkpoint import CheckpointError, StateDict
-from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig, preset
+from .config import ConfigError, ModelConfig, TextConfig, UNetConfig, VAEConfig, preset, validate
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -193,6 +193,8 @@ def detect(sd: StateDict) -> Detection:
         vae = infer_vae(sd) if has_vae else None
     except KeyError as e:
         raise CheckpointError(f"incomplete checkpoint: expected key {e} is missing") from None
+    except (IndexError, ValueError, ZeroDivisionError) as e:  # tensors of the wrong rank, zero-sized, ...
+        raise CheckpointError(f"inconsistent checkpoint: its tensor shapes do not describe an SD model ({e})") from None
     ev += unet_ev + [text_ev]
     # The text encoder decides the family; without one, SD2's 1024-d context with linear projections does.
     sd2 = has_openclip if has_text else unet.use_linear_in_transformer
@@ -203,6 +205,10 @@ def detect(sd: StateDict) -> Detection:
                                        f"no text encoder; UNet proj_in is {'Linear' if sd2 else 'conv'}"))
     cfg = ModelConfig(family=family, prediction_type="epsilon", image_size=base.image_size,  # type: ignore[arg-type]
                       unet=unet, vae=vae or base.vae, text=text or base.text)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"inconsistent checkpoint: the sizes its shapes give are not a model ({e})") from None
     has_ema = sum(k.startswith(EMA) for k in sd) > 100
     if has_ema:
         ev.append("EMA weights present (model_ema.*)")

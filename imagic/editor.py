@@ -28,13 +28,14 @@ from PIL import Image
 from torch import Tensor
 
 from . import lora as L
-from .fileio import load_safetensors, read_json, save_safetensors, sha256_file
+from .fileio import OutputError, load_safetensors, read_json, save_safetensors, sha256_file
 from .images import from_pil, load_image, make_grid, save_png, square, to_pil
 from .loader import StableDiffusion, load_checkpoint
 from .rundir import RunDir, RunError, library_versions, plot_losses
 from .samplers import initial_latents, sample_ddim, sdedit_start
 from .schedule import NoiseSchedule
-from .training import PRECISIONS, StepCallback, autocast, denoising_loss, peak_memory, run_loop
+from .tokenizer import clean
+from .training import PRECISIONS, NumericalError, StepCallback, autocast, denoising_loss, peak_memory, run_loop
 from .vae import decode_latents, encode_latents
 
 log = logging.getLogger(__name__)
@@ -160,8 +161,8 @@ class Editor:
         """Stages 1 and 2. With `out`, everything goes to that run directory and an existing one is resumed:
         finished stages are skipped and an interrupted stage continues from its last saved step."""
         s = FitSettings(**settings)
-        if not target_text or not target_text.strip():
-            raise ValueError("the target text is empty")
+        if not target_text or not clean(target_text):
+            raise ValueError("the target text is empty (or nothing but spaces and control characters)")
         pil = self.prepare_image(image, s.fit)
         rd = RunDir(out) if out is not None else None
         with rd if rd is not None else contextlib.nullcontext():
@@ -202,6 +203,7 @@ class Editor:
         """Optimise the text embedding with the model frozen (paper eq. 2)."""
         if rd is not None and rd.optimized_embedding.exists():
             log.info("stage 1 already done: %s", rd.optimized_embedding)
+            rd.resume_state(1).unlink(missing_ok=True)  # left behind if a kill came between the two writes
             return load_safetensors(rd.optimized_embedding)[0]["embedding"].to(self.device), rd.read_losses(1)
         e = e_tgt.clone().requires_grad_(True)
         state = run_loop(
@@ -224,6 +226,7 @@ class Editor:
         """Fine-tune the model with e_opt frozen (paper eq. 3): LoRA adapters or every UNet weight."""
         if rd is not None and rd.finetuned(s.finetune).exists():
             log.info("stage 2 already done: %s", rd.finetuned(s.finetune))
+            rd.resume_state(2).unlink(missing_ok=True)
             return self._read_finetuned(rd, s.finetune), rd.read_losses(2)
         with self._trainable(s) as params:
             state = run_loop(
@@ -346,6 +349,9 @@ class Editor:
                                        uncond.to(self.device), steps=steps, guidance_scale=guidance_scale,
                                        ddim_eta=ddim_eta, generator=gen, progress=self.progress,
                                        start_step=start_step))
+            if not torch.isfinite(out[-1]).all():
+                raise NumericalError(f"stage 3: sampling seed {seed}: the latents have inf or nan values "
+                                     "(try --precision fp32 or bf16)")
         return torch.cat(out)
 
     def _sample(self, context: Tensor, seeds: Sequence[int], guidance_scale: float, steps: int, ddim_eta: float,
@@ -379,15 +385,18 @@ class Editor:
 
     def _save_samples(self, run: Run, images: Dict[Tuple[int, float], Image.Image], grid: Image.Image,
                       guidance_scale: float, steps: int, ddim_eta: float, negative_prompt: str) -> None:
-        rd = RunDir(run.directory)  # type: ignore[arg-type]
-        rd.samples.mkdir(parents=True, exist_ok=True)
         common = {"target_text": run.target_text, "guidance_scale": guidance_scale, "steps": steps,
                   "ddim_eta": ddim_eta, "negative_prompt": negative_prompt, "finetune": run.settings.finetune,
                   "sampler": "DDIM", "software": f"imagic {library_versions()['imagic']}"}
-        for (seed, a), img in images.items():
-            save_png(img, rd.samples / f"seed{seed}_alpha{a:g}.png", {**common, "seed": seed, "alpha": a})
-        save_png(grid, rd.grid, {**common, "seeds": sorted({k[0] for k in images}),
-                                 "alphas": sorted({k[1] for k in images}), "layout": "rows=seeds, columns=alphas"})
+        with RunDir(run.directory) as rd:  # type: ignore[arg-type]  # a concurrent fit or sample is refused
+            try:
+                rd.samples.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # e.g. a file named samples
+                raise OutputError(e.errno, f"cannot write {rd.samples}: {e.strerror or e}") from e
+            for (seed, a), img in images.items():
+                save_png(img, rd.samples / f"seed{seed}_alpha{a:g}.png", {**common, "seed": seed, "alpha": a})
+            save_png(grid, rd.grid, {**common, "seeds": sorted({k[0] for k in images}),
+                                     "alphas": sorted({k[1] for k in images}), "layout": "rows=seeds, columns=alphas"})
 
     # --- sanity checks of a checkpoint ---------------------------------------------------------------------------
     def txt2img(self, prompt: str, seeds: Union[int, Sequence[int]] = (0,), guidance_scale: float = 7.5,

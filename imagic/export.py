@@ -14,7 +14,7 @@ from torch import nn
 
 from . import detect as D
 from .config import ModelConfig, to_ldm_yaml
-from .fileio import atomic_path, save_safetensors, write_text
+from .fileio import save_safetensors, save_torch, write_text
 
 
 def ldm_state_dict(unet: nn.Module, vae: Optional[nn.Module], text_encoder: Optional[nn.Module],
@@ -38,8 +38,7 @@ def save_checkpoint(path: Union[str, Path], unet: nn.Module, vae: Optional[nn.Mo
     path = Path(path)
     sd = ldm_state_dict(unet, vae, text_encoder, cfg, dtype)
     if path.suffix == ".ckpt":
-        with atomic_path(path) as tmp:
-            torch.save({"state_dict": sd}, tmp)
+        save_torch(path, {"state_dict": sd})
     else:
         save_safetensors(path, sd, {"format": "pt", "imagic_family": cfg.family})
     if write_yaml:

@@ -91,13 +91,17 @@ def _ema_unet(sd: StateDict, path: Path) -> StateDict:
 
 def _check_keys(model: nn.Module, part: StateDict, name: str) -> None:
     """Strict loading with a message that lists what is wrong (first few of each kind)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    reference = model.state_dict()  # meta tensors: shapes and dtypes, no data
+    expected = {k: tuple(v.shape) for k, v in reference.items()}
     missing = sorted(set(expected) - set(part))
     unexpected = sorted(set(part) - set(expected))
     shapes = sorted(f"{k} {tuple(part[k].shape)} != {expected[k]}" for k in set(part) & set(expected)
                     if tuple(part[k].shape) != expected[k])
+    dtypes = sorted(f"{k} {str(part[k].dtype).removeprefix('torch.')}" for k in set(part) & set(expected)
+                    if reference[k].is_floating_point() and not part[k].is_floating_point())
     problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes),
+                         ("not floating point", dtypes)):
         if items:
             more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
             problems.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
@@ -106,10 +110,20 @@ def _check_keys(model: nn.Module, part: StateDict, name: str) -> None:
                               " — pass the model's original yaml with --config if it is a non-standard size")
 
 
+def _meta_model(factory, name: str) -> nn.Module:
+    """The model on the meta device. Sizes read from a file or a yaml can be consistent field by field and still
+    not make a model (channels not divisible by GroupNorm's 32 groups, heads that do not divide a width)."""
+    try:
+        with torch.device("meta"):
+            return factory()
+    except (ValueError, AssertionError, ZeroDivisionError, RuntimeError) as e:
+        raise CheckpointError(f"{name}: the sizes found for it do not make a model ({' '.join(str(e).split())}) "
+                              "— pass the model's original yaml with --config") from None
+
+
 def _build(factory, part: StateDict, name: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """Build on meta, check keys and shapes, then assign the file's tensors (cast to dtype, moved to device)."""
-    with torch.device("meta"):
-        model = factory()
+    model = _meta_model(factory, name)
     _check_keys(model, part, name)
     cast = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in part.items()}
     model.load_state_dict(cast, strict=True, assign=True)
@@ -221,10 +235,8 @@ def inspect_checkpoint(path: PathLike, config: ConfigLike = None, probe: bool = 
         part = _split(sd, prefix, add)
         dtypes[name] = sorted({str(v.dtype).removeprefix("torch.") for v in part.values()})
         if present:
-            with torch.device("meta"):
-                model = factory()
             try:
-                _check_keys(model, part, name)
+                _check_keys(_meta_model(factory, name), part, name)
             except CheckpointError as e:
                 problems.append(str(e))
     known = (D.UNET, D.VAE, "cond_stage_model.", D.EMA)

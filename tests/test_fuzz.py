@@ -168,9 +168,6 @@ def tiny_folder(folder) -> Path:
     return folder / "tiny"
 
 
-@pytest.mark.xfail(strict=False, reason="detect.py / loader.py let IndexError, ZeroDivisionError and RuntimeError "
-                                        "out on tensors that lie about their rank, size or dtype (changes proposed "
-                                        "in the hardening report; remove this mark once they are in)")
 @pytest.mark.timeout(TIMEOUT)
 @settings(FUZZ, max_examples=EXAMPLES or 60, phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking:
 @given(data=st.data())                                                   # each example builds three models

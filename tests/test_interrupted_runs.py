@@ -319,8 +319,6 @@ def test_damaged_run_directory_files(inputs, tmp_path, capsys):
         capsys.readouterr()
 
 
-@pytest.mark.xfail(strict=True, reason="cli.cmd_sample reads args.json with read_json, whose ValueError is not a "
-                                       "user error in cli._user_errors (change proposed in the hardening report)")
 def test_sample_with_damaged_args_json(inputs, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(_train(inputs, run)) == 0
@@ -329,8 +327,22 @@ def test_sample_with_damaged_args_json(inputs, tmp_path, capsys):
     assert main(["sample", "--run", str(run), "--steps", "2", "--alpha", "1", "--device", "cpu", "--quiet"]) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="editor._save_samples creates samples/ with mkdir, whose FileExistsError "
-                                       "is not an OutputError (change proposed in the hardening report)")
+def test_sample_refused_while_another_process_holds_the_run(inputs, tmp_path, capsys):
+    """`imagic sample` writes into the run directory, so it takes the run's lock like `edit` and `train`."""
+    from imagic.rundir import RunDir
+
+    run = tmp_path / "run"
+    assert main(_train(inputs, run)) == 0
+    capsys.readouterr()
+    with RunDir(run):  # flock is per open file: this holder excludes the CLI below even in the same process
+        code = main(["sample", "--run", str(run), "--steps", "2", "--alpha", "1", "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "another imagic process" in err and err.count("\n") == 1, err
+    assert not (run / "grid.png").exists()
+    assert main(["sample", "--run", str(run), "--steps", "2", "--alpha", "1", "--device", "cpu", "--quiet"]) == 0
+    assert (run / "grid.png").exists()
+
+
 def test_samples_path_taken_by_a_file(inputs, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(_train(inputs, run)) == 0

@@ -159,9 +159,6 @@ def test_non_finite_input_image_tensor_is_refused(editor):
         editor.fit(torch.full((1, 3, 8, 8), math.nan), "a red square", embed_steps=1, finetune_steps=1)
 
 
-@pytest.mark.xfail(strict=True, reason="stage 3 has no finiteness check: a diverged UNet ends in to_pil's "
-                                       "ValueError, which names neither stage nor seed and is not a CLI user "
-                                       "error (change proposed for editor.sample in the hardening report)")
 def test_fp16_fault_while_sampling_names_stage_3(editor, image, tmp_path):
     run = editor.fit(image, "a red square", out=tmp_path / "run", **{**FAST, "embed_steps": 2,
                                                                       "finetune_steps": 2})

@@ -170,7 +170,7 @@ def test_batches_of_arbitrary_text(texts):
 
 
 # --- the CLI and the Editor refuse empty prompts ------------------------------------------------------------------
-@pytest.mark.parametrize("prompt", ["", " ", "\t\n", "\u3000\u00a0 \u2003"])
+@pytest.mark.parametrize("prompt", ["", " ", "\t\n", "\u3000\u00a0 \u2003", "\x00", " \x01\x7f "])
 @pytest.mark.parametrize("command", ["edit", "train", "txt2img", "img2img"])
 def test_cli_refuses_empty_prompts(tmp_path, capsys, prompt, command):
     argv = [command, "--ckpt", str(tmp_path / "never-read.safetensors"), "--prompt", prompt, "--out",
@@ -201,7 +201,7 @@ def editor(tmp_path_factory):
     return Editor.from_checkpoint(ckpt, device="cpu", progress=False)
 
 
-@pytest.mark.parametrize("prompt", ["", " ", "\t\n", "\u3000"])
+@pytest.mark.parametrize("prompt", ["", " ", "\t\n", "\u3000", "\x00", "\x01\x02"])
 def test_editor_refuses_empty_prompts(editor, prompt, tmp_path):
     with pytest.raises(ValueError, match="empty"):
         editor.fit(Image.new("RGB", (8, 8)), prompt, out=tmp_path / "run", embed_steps=1, finetune_steps=1)
