@@ -10,10 +10,16 @@ PYTEST_ARGS ?=
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+# The library and its runtime dependencies only: all `make demo` needs.
+$(VENV)/.runtime: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e . $(TORCH_PINS)
+	touch $@
+
+# Plus the test-only references (diffusers, transformers, ...).
+$(VENV)/.installed: $(VENV)/.runtime
 	$(PY) -m pip install -q -e ".[test]" $(TORCH_PINS)
 	touch $@
 
@@ -26,13 +32,13 @@ test-slow: venv
 # Imagic end to end on the small built-in model (weights/shapes: 17 MB, trained on procedural shapes by
 # weights/shapes/train.py) and its example input; a couple of minutes on 2 CPU cores. For a real SD checkpoint:
 # imagic edit --ckpt v1-5-pruned-emaonly.safetensors --image photo.png --prompt "..." --out runs/photo
-# Measured to edit on the shipped checkpoint (README, "The demo").
-DEMO_SETTINGS := --embed-steps 100 --embed-lr 1e-2 --finetune lora --finetune-steps 150 --finetune-lr 1e-3 \
-	--lora-rank 8 --alpha 0 0.6 0.8 1.0 1.2 --seeds 0 1 --steps 25 --guidance-scale 5 --device cpu
-demo: venv
+# The settings of benchmarks/shapes_eval.py (its Settings class), where they are measured against the baselines.
+DEMO_SETTINGS := --embed-steps 100 --embed-lr 1e-2 --finetune full --finetune-steps 300 --finetune-lr 2e-4 \
+	--alpha 0 0.4 0.6 0.8 1.0 1.2 --seeds 0 1 --steps 25 --guidance-scale 5 --device cpu
+demo: $(VENV)/.runtime
 	rm -rf demo_out
 	$(PY) -m imagic.cli edit --ckpt weights/shapes/shapes.safetensors --image weights/shapes/example_red_circle.png \
-		--prompt "a red square on a blue background" --out demo_out $(DEMO_SETTINGS) --quiet
+		--prompt "a yellow circle on a blue background" --out demo_out $(DEMO_SETTINGS) --quiet
 	@echo "demo: input demo_out/input.png, alpha sweep demo_out/grid.png (rows: seeds, columns: alpha; 0 = input)"
 
 bench: venv

@@ -43,7 +43,7 @@ from imagic import lora as L
 from imagic.editor import FitSettings
 from imagic.samplers import ddim_step, guided_model_output
 from imagic.schedule import NoiseSchedule
-from imagic.training import autocast, denoising_loss
+from imagic.training import autocast, denoising_loss, make_adam
 
 log = logging.getLogger("imagic_step")
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -91,7 +91,7 @@ class Trainer:
                  schedule: NoiseSchedule, precision: str, opt: Optional[torch.optim.Optimizer] = None):
         self.unet, self.params, self.context, self.x0 = unet, params, context, x0
         self.schedule, self.precision = schedule, precision
-        self.opt = opt if opt is not None else torch.optim.Adam(params, lr=lr)  # kernels on/off share ours'
+        self.opt = opt if opt is not None else make_adam(params, lr)  # kernels on/off share ours'
         self.gen = torch.Generator().manual_seed(0)  # each variant draws the same t and noise
 
     def step(self) -> Tensor:

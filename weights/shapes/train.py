@@ -9,8 +9,9 @@ CLIP vocabulary and tokenizer. Two stages, as LDM trains them (Rombach et al. 20
    triangle corners away). First on random 32x32 crops (the VAE is convolutional: a quarter of the pixels, a
    quarter of the cost, for the easy part: colours and edges), then on full 64x64 images, which the sharp
    corners need. `scale_factor` = 1 / std of the latents, LDM's `scale_by_std`.
-2. the UNet and the text encoder together on the frozen autoencoder's latents, epsilon-prediction with SD's
-   linear schedule, the caption dropped to "" 10% of the time (classifier-free guidance, Ho & Salimans 2022),
+2. the UNet and the text encoder together on the frozen autoencoder's latents, velocity prediction (as SD 2.x-v)
+   with SD's linear schedule ending at 0.02 instead of 0.012 (see `model_config`), the caption dropped to ""
+   10% of the time (classifier-free guidance, Ho & Salimans 2022),
    Min-SNR loss weights and an EMA of the weights (what is saved), both because CPU time is short.
    The latents of a pool of scenes are computed once (posterior mean and std; a fresh posterior sample is drawn
    every time a scene is used): the encoder would otherwise cost as much as the UNet step.
@@ -30,7 +31,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ from imagic import shapes as S
 from imagic.clip import build_text_encoder
 from imagic.config import ModelConfig, TextConfig, UNetConfig, VAEConfig
 from imagic.export import save_checkpoint
-from imagic.fileio import write_csv, write_json
+from imagic.fileio import atomic_path, write_csv, write_json
 from imagic.images import make_grid
 from imagic.rundir import plot_losses
 from imagic.schedule import NoiseSchedule
@@ -51,18 +52,20 @@ from imagic.vae import AutoencoderKL
 HERE = Path(__file__).resolve().parent
 
 
-def model_config(scale_factor: float = 1.0) -> ModelConfig:
+def model_config(prediction: str = "v", linear_end: float = 0.02,
+                 attention_resolutions: Tuple[int, ...] = (1, 2, 4)) -> ModelConfig:
     """The shipped architecture: ~17 MB in fp16, half of it the CLIP token embedding (49408 x 64).
 
-    SD's schedule ends at linear_end 0.012, where sqrt(alphas_cumprod) is still 0.07: on 16x16 latents of flat
-    backgrounds the latents' mean survives that much, the model learns to read the background colour from the
-    mean of the noise, and at sampling time (pure noise) backgrounds come out with random colours (the flaw
-    described by Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed", WACV 2024). With
-    linear_end 0.02 the final signal is 0.016 and the colour has to come from the text."""
+    Two departures from SD 1.x, both measured on this world (weights/shapes/README.md): the schedule ends at 0.02,
+    not 0.012, because a 16x16 latent keeps more signal at t = 999 than a 64x64 one does under the same schedule
+    (Hoogeboom et al. 2023, "simple diffusion", Sec. 3: smaller images need more noise), so sampling from pure
+    noise started off the training distribution; and cross-attention at every level including the full 16x16
+    latent, where a 64x64 shape spans only a few latent pixels: without it, txt2img drew the asked shape no more
+    often than chance (colour and background were right)."""
     return ModelConfig(
-        family="custom", image_size=S.IMAGE_SIZE, scale_factor=scale_factor, linear_end=0.02,
-        unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 4), attention_resolutions=(2, 4), num_res_blocks=1,
-                        num_heads=4, context_dim=64),
+        family="custom", prediction_type=prediction, image_size=S.IMAGE_SIZE, linear_end=linear_end,  # type: ignore
+        unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 4), attention_resolutions=attention_resolutions,
+                        num_res_blocks=1, num_heads=4, context_dim=64),
         vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=S.IMAGE_SIZE),
         text=TextConfig(kind="openai", width=64, layers=2, heads=2, mlp_width=256, projection_dim=64))
 
@@ -80,15 +83,24 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int = 100, floor: floa
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_loop(name: str, params: List[torch.nn.Parameter], loss_fn: Callable[[int], Dict[str, float]],
-               steps: int, lr: float, log_every: int, t0: float,
-               after_step: Optional[Callable[[int], None]] = None) -> List[Dict[str, float]]:
-    """AdamW (no weight decay: most token embeddings are never used and must not shrink), cosine schedule, grad
-    clipping at 1. `loss_fn(step)` runs forward and backward and returns the numbers to log; `after_step(step)`
-    runs after each optimiser step."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rows, window = [], []
-    for step in range(steps):
+class Clock:
+    """Wall and CPU seconds since the start, carried over when a run is resumed."""
+
+    def __init__(self, wall: float = 0.0, cpu: float = 0.0):
+        self.wall0, self.cpu0 = time.time() - wall, time.process_time() - cpu
+
+    def read(self) -> Dict[str, float]:
+        return {"elapsed_s": round(time.time() - self.wall0, 1), "cpu_s": round(time.process_time() - self.cpu0, 1)}
+
+
+def train_loop(name: str, opt: torch.optim.Optimizer, loss_fn: Callable[[int], Dict[str, float]], steps: int,
+               lr: float, log_every: int, clock: Clock, after_step: Optional[Callable[[int, List], None]] = None,
+               start: int = 0, rows: Optional[List[Dict[str, float]]] = None) -> List[Dict[str, float]]:
+    """Cosine schedule, grad clipping at 1, from step `start`. `loss_fn(step)` runs forward and backward and
+    returns the numbers to log; `after_step(step, rows)` runs after each optimiser step."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    rows, window = list(rows or []), []
+    for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr)
         opt.zero_grad(set_to_none=True)
@@ -98,19 +110,23 @@ def train_loop(name: str, params: List[torch.nn.Parameter], loss_fn: Callable[[i
         window.append(logged)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             row = {"step": step + 1, **{k: float(np.mean([w[k] for w in window])) for k in window[0]},
-                   "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 1),
-                   "cpu_s": round(time.process_time(), 1)}
+                   "lr": opt.param_groups[0]["lr"], **clock.read()}
             rows.append(row)
             window = []
             print(f"{name} {row}", flush=True)
         if after_step is not None:
-            after_step(step + 1)
+            after_step(step + 1, rows)
     return rows
+
+
+def adamw(params: List[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """No weight decay: most token embeddings are never used and must not shrink."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 # --- stage 1: the autoencoder ----------------------------------------------------------------------------------
 
-def train_vae(cfg: ModelConfig, args: argparse.Namespace, t0: float):
+def train_vae(cfg: ModelConfig, args: argparse.Namespace, clock: Clock):
     torch.manual_seed(args.seed)
     vae = AutoencoderKL(cfg.vae).train()
     rng = np.random.default_rng([0, args.seed, 1])
@@ -129,7 +145,8 @@ def train_vae(cfg: ModelConfig, args: argparse.Namespace, t0: float):
         loss.backward()
         return {"l1": l1.item(), "mse": l2.item(), "kl": kl.item()}
 
-    rows = train_loop("vae", list(vae.parameters()), loss_fn, args.vae_steps, args.vae_lr, 25, t0)
+    rows = train_loop("vae", adamw(list(vae.parameters()), args.vae_lr), loss_fn, args.vae_steps, args.vae_lr, 25,
+                      clock)
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # LDM's scale_by_std: unit-variance latents for the diffusion model
         z = torch.cat([vae.encode(images_tensor([S.random_scene(rng) for _ in range(64)])).mean
@@ -151,16 +168,32 @@ def encode_pool(vae: AutoencoderKL, n: int, seed: int, batch: int = 64):
     return torch.cat(means), torch.cat(stds), [s.caption for s in scenes]
 
 
-def train_unet(cfg: ModelConfig, vae: AutoencoderKL, args: argparse.Namespace, t0: float):
+def train_unet(cfg: ModelConfig, vae: AutoencoderKL, args: argparse.Namespace):
+    """Resumable: every `--save-every` steps the whole state (weights, EMA, optimiser, random stream) goes to
+    `--work/unet_state.pt`, and a run that finds it continues from there exactly."""
     torch.manual_seed(args.seed + 1)
     unet, text = UNetModel(cfg.unet).train(), build_text_encoder(cfg.text).train()
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = adamw(params, args.unet_lr)
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    state_file = args.work / "unet_state.pt"
+    modules = {"unet": unet, "text": text, "ema_unet": ema_unet, "ema_text": ema_text, "opt": opt}
+    start, rows, clock = 0, [], Clock()
+    if state_file.exists():
+        state = torch.load(state_file, weights_only=True)
+        for k, m in modules.items():
+            m.load_state_dict(state[k])
+        gen.set_state(state["rng"])
+        start, rows = state["step"], state["rows"]
+        clock = Clock(rows[-1]["elapsed_s"], rows[-1]["cpu_s"])
+        print(f"resuming from step {start}", flush=True)
     tokenizer = Tokenizer.for_text_config(cfg.text)
     schedule = NoiseSchedule.from_config(cfg)
     means, stds, captions = encode_pool(vae, args.pool, args.seed)
-    print(f"encoded a pool of {len(captions)} scenes at {time.time() - t0:.0f}s", flush=True)
+    print(f"encoded a pool of {len(captions)} scenes at {clock.read()}", flush=True)
     ids = tokenizer(captions)
     empty = tokenizer("")
-    gen = torch.Generator().manual_seed(args.seed + 2)
 
     def loss_fn(step: int) -> Dict[str, float]:
         idx = torch.randint(0, len(captions), (args.batch,), generator=gen)
@@ -169,34 +202,38 @@ def train_unet(cfg: ModelConfig, vae: AutoencoderKL, args: argparse.Namespace, t
         tok = torch.where(drop[:, None], empty, ids[idx])
         t = schedule.sample_timesteps(args.batch, gen)
         noise = torch.randn(z0.shape, generator=gen)
+        noise = noise + args.offset_noise * torch.randn(z0.shape[:2] + (1, 1), generator=gen)
         pred = unet(schedule.add_noise(z0, noise, t), t, text(tok))
         mse = (pred - schedule.training_target(z0, noise, t)).pow(2).mean(dim=(1, 2, 3))
         loss = (min_snr_weight(schedule, t, args.min_snr_gamma) * mse).mean()
         loss.backward()
         return {"loss": loss.item(), "mse": mse.mean().item()}
 
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
     pairs = list(zip(ema_unet.parameters(), unet.parameters())) + list(zip(ema_text.parameters(), text.parameters()))
 
-    def after_step(step: int) -> None:
+    def after_step(step: int, rows: List[Dict[str, float]]) -> None:
         decay = min(args.ema, (1 + step) / (10 + step))  # short memory at first, as in LDM's LitEma
         with torch.no_grad():
             for e, p in pairs:
                 e.lerp_(p, 1 - decay)
+        if step % args.save_every == 0 and step < args.unet_steps and rows and rows[-1]["step"] == step:
+            with atomic_path(state_file) as tmp:
+                torch.save({**{k: m.state_dict() for k, m in modules.items()}, "rng": gen.get_state(),
+                            "step": step, "rows": rows}, tmp)
         if args.snapshot_every and step % args.snapshot_every == 0 and step < args.unet_steps:
             save_checkpoint(args.work / f"shapes_step{step}.safetensors", ema_unet, vae, ema_text, cfg)
 
-    params = list(unet.parameters()) + list(text.parameters())
-    rows = train_loop("unet", params, loss_fn, args.unet_steps, args.unet_lr, 50, t0, after_step)
+    rows = train_loop("unet", opt, loss_fn, args.unet_steps, args.unet_lr, 50, clock, after_step, start, rows)
     return ema_unet.eval(), ema_text.eval(), rows
 
 
 def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights for epsilon prediction, min(SNR, gamma) / SNR (Hang et al., ICCV 2023): the
-    nearly clean timesteps stop dominating the gradient, which speeds up training several times."""
+    """Min-SNR-gamma loss weights (Hang et al., ICCV 2023): min(SNR, gamma) / SNR for epsilon prediction,
+    min(SNR, gamma) / (SNR + 1) for velocity prediction. The nearly clean timesteps stop dominating the
+    gradient, which speeds up training several times."""
     abar = schedule.alphas_cumprod[t].float()
     snr = abar / (1 - abar)
-    return snr.clamp(max=gamma) / snr
+    return snr.clamp(max=gamma) / (snr + 1 if schedule.prediction_type == "v" else snr)
 
 
 # --- outputs -------------------------------------------------------------------------------------------------
@@ -244,7 +281,7 @@ def plot_curves(vae_rows: List[Dict[str, float]], unet_rows: List[Dict[str, floa
     if vae_rows:
         curves["VAE L1 (per 25 steps)"] = [r["l1"] for r in vae_rows]
     if unet_rows:
-        curves["UNet + text: eps MSE, unweighted (per 50 steps)"] = [r["mse"] for r in unet_rows]
+        curves["UNet + text: v MSE, unweighted (per 50 steps)"] = [r["mse"] for r in unet_rows]
     plot_losses(curves).save(path)
 
 
@@ -263,21 +300,26 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=6000)
     p.add_argument("--unet-steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--unet-lr", type=float, default=5e-4)
+    p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--uncond-prob", type=float, default=0.1)
+    p.add_argument("--prediction", choices=["epsilon", "v"], default="v")
+    p.add_argument("--linear-end", type=float, default=0.02, help="end of SD's linear beta schedule")
+    p.add_argument("--offset-noise", type=float, default=0.0, help="std of a per-channel constant added to the noise")
+    p.add_argument("--attention-resolutions", type=lambda v: tuple(int(x) for x in v.split(",")), default=(1, 2, 4),
+                   help="latent downsampling factors with cross-attention (1 = the full 16x16 latent)")
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the UNet and text encoder weights")
     p.add_argument("--snapshot-every", type=int, default=1000, help="UNet steps between snapshots in --work")
+    p.add_argument("--save-every", type=int, default=250, help="UNet steps between resumable states in --work")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    cfg = model_config()
+    cfg = model_config(args.prediction, args.linear_end, args.attention_resolutions)
     vae_file = args.work / "vae.pt"
     if args.stage in ("all", "vae"):
-        vae, scale, vae_rows = train_vae(cfg, args, t0)
+        vae, scale, vae_rows = train_vae(cfg, args, Clock())
         torch.save({"vae": vae.state_dict(), "scale_factor": scale, "rows": vae_rows}, vae_file)
         write_csv(args.out / "curve_vae.csv", list(vae_rows[0]), [list(r.values()) for r in vae_rows])
         if args.stage == "vae":
@@ -287,14 +329,12 @@ def main() -> None:
     vae.load_state_dict(saved["vae"])
     vae.eval().requires_grad_(False)
     cfg.scale_factor, vae_rows = saved["scale_factor"], saved["rows"]
-    unet, text, unet_rows = train_unet(cfg, vae, args, t0)
+    unet, text, unet_rows = train_unet(cfg, vae, args)
     write_csv(args.out / "curve_unet.csv", list(unet_rows[0]), [list(r.values()) for r in unet_rows])
     ckpt = save_checkpoint(args.out / "shapes.safetensors", unet, vae, text, cfg, dtype=torch.float16)
     # Wall time depends on what else the machine runs; CPU time is what a dedicated machine would need.
     vae_s, vae_cpu = vae_rows[-1]["elapsed_s"], vae_rows[-1]["cpu_s"]
-    unet_s, unet_cpu = time.time() - t0, time.process_time()
-    if args.stage == "all":  # this process trained the VAE too: its time is already counted
-        unet_s, unet_cpu = unet_s - vae_s, unet_cpu - vae_cpu
+    unet_s, unet_cpu = unet_rows[-1]["elapsed_s"], unet_rows[-1]["cpu_s"]
     plot_curves(vae_rows, unet_rows, args.out / "curves.png")
     write_example(args.out)
     scores = sample_grid(ckpt, args.out / "samples.png")
