@@ -30,7 +30,8 @@ test-slow: venv
 	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
 # Imagic end to end on the small built-in model (weights/shapes: 17 MB, trained on procedural shapes by
-# weights/shapes/train.py) and its example input; about 1.5 minutes on 2 CPU cores once the venv exists. For a real SD checkpoint:
+# weights/shapes/train.py) and its example input; about 1.5 minutes on 2 CPU cores once the venv exists.
+# For a real SD checkpoint:
 # imagic edit --ckpt v1-5-pruned-emaonly.safetensors --image photo.png --prompt "..." --out runs/photo
 # The settings of benchmarks/shapes_eval.py (its Settings class), where they are measured against the baselines.
 DEMO_SETTINGS := --embed-steps 100 --embed-lr 1e-2 --finetune full --finetune-steps 300 --finetune-lr 2e-4 \

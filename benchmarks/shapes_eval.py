@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -100,9 +101,15 @@ def make_edits(n: int, namespace: int = EVAL_NAMESPACE) -> List[Edit]:
     return edits
 
 
+@functools.lru_cache(maxsize=None)
+def target_analysis(target: S.Scene) -> S.Analysis:
+    """The clean target render, analysed once per edit (every method's output is compared with it)."""
+    return S.analyze(S.render(target))
+
+
 def score(image: Image.Image, edit: Edit) -> Tuple[bool, bool]:
     """(edit success, identity kept) of one output image."""
-    a, ref = S.analyze(image), S.analyze(S.render(edit.target))
+    a, ref = S.analyze(image), target_analysis(edit.target)
     success = getattr(a, edit.kind) == getattr(edit.target, edit.kind)
     untouched = all(getattr(a, k) == getattr(edit.target, k) for k in KINDS if k != edit.kind)
     found = a.shape is not None
@@ -222,7 +229,8 @@ def main() -> None:
         shards = [json.loads(f.read_text()) for f in args.combine]
         results = {m: [tuple(r) for sh in shards for r in sh["results"][m]] for m in shards[0]["results"]}
         elapsed, n = sum(sh["cpu_minutes"] for sh in shards) * 60, sum(sh["n"] for sh in shards)
-        return write_report(results, settings, args, n, elapsed, f"{len(shards)} shard{'s' if len(shards) > 1 else ''}")
+        shards_used = f"{len(shards)} shard{'s' if len(shards) > 1 else ''}"
+        return write_report(results, settings, args, n, elapsed, shards_used)
     i, n_shards = (int(v) for v in args.shard.split("/"))
     mine = edits[i::n_shards]
     editor = load_editor(args.ckpt, args.threads)

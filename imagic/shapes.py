@@ -9,10 +9,10 @@ coordinates, pixel i covering [i, i + 1)), so the box centre and half-extent are
 whatever the shape. That makes "the edit kept position and size" measurable across shape changes.
 
 The analysis side (`analyze`) recovers every attribute from an image by plain geometry, no learned metric:
-background = the median colour just inside the image's edge; shape mask = pixels closer to the foreground colour than to the
-background; colour = nearest palette entry; class from the mask's fill of its bounding box and its solidity
-(area / convex-hull area): square ~1.0, circle ~0.79, triangle ~0.5 of the box, and a star is the only
-non-convex one (solidity ~0.5).
+background = the median colour just inside the image's edge; shape mask = pixels at least half way from the
+background to the foreground colour; colour = nearest palette entry; class from the mask's fill of its bounding
+box and its solidity (area / convex-hull area): square ~1.0, circle ~0.79, triangle ~0.5 of the box, and a star is
+the only non-convex one (solidity ~0.5).
 """
 from __future__ import annotations
 
