@@ -1,0 +1,99 @@
+"""The data-parallel part of the shapes model's recipe (weights/shapes/train.py): two gloo processes that average
+their gradients take the step one process takes on the whole batch."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TRAIN_PY = Path(__file__).resolve().parents[1] / "weights" / "shapes" / "train.py"
+
+
+def load_train():
+    """weights/shapes/train.py is a script, not a package module: import it by path (once per process)."""
+    if "shapes_train" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("shapes_train", TRAIN_PY)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["shapes_train"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["shapes_train"]
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+        self.unused = torch.nn.Linear(2, 2)  # never called: its gradient stays None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return Tiny()
+
+
+def batch() -> tuple:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 5, generator=g), torch.randn(8, 3, generator=g)
+
+
+def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (model(x) - y).pow(2).mean()
+
+
+def worker(rank: int, store: str, out: str) -> None:
+    train = load_train()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=Path(store).as_uri(), rank=rank, world_size=2)
+    group = train.Group(rank, 2)
+    model = tiny_model()
+    x, y = batch()
+    part = group.share(len(x), "batch")
+    loss_of(model, x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]).backward()
+    params = list(model.parameters())
+    group.average_gradients(params)
+    logs = group.average_logs({"loss": float(rank), "two": 2.0})
+    streams = group.gather(rank * 10)
+    if rank == 0:
+        torch.save({"grads": [p.grad.clone() for p in params], "logs": logs, "streams": streams}, out)
+    group.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_processes_average_to_the_full_batch_gradient(tmp_path):
+    out = tmp_path / "grads.pt"
+    mp.spawn(worker, args=(str(tmp_path / "store"), str(out)), nprocs=2)
+    got = torch.load(out, weights_only=True)
+    model = tiny_model()
+    loss_of(model, *batch()).backward()  # equal halves: the mean of the half-batch means is the full-batch mean
+    for p, g in zip(model.parameters(), got["grads"]):
+        expected = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(g, expected, rtol=1e-6, atol=1e-7)
+    assert got["logs"] == {"loss": 0.5, "two": 2.0}
+    assert got["streams"] == [0, 10]
+
+
+def test_a_single_process_group_changes_nothing():
+    train = load_train()
+    group = train.Group()
+    model = tiny_model()
+    loss_of(model, *batch()).backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    group.average_gradients(list(model.parameters()))
+    assert all((a is None and p.grad is None) or torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
+    assert group.average_logs({"loss": 3.0}) == {"loss": 3.0}
+    assert group.gather("x") == ["x"] and group.main
+
+
+def test_a_batch_that_does_not_split_is_refused_clearly():
+    train = load_train()
+    assert train.Group(1, 2).share(32, "--batch") == 16
+    with pytest.raises(SystemExit, match="--batch 33 does not split over 2 processes"):
+        train.Group(0, 2).share(33, "--batch")
