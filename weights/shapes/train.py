@@ -414,20 +414,30 @@ def main() -> None:
 def run(rank: int, args: argparse.Namespace) -> None:
     """One data-parallel worker; rank 0 writes every output."""
     torch.set_num_threads(args.threads)
-    group = Group(rank, args.procs)
-    if args.procs > 1:
-        dist.init_process_group("gloo", init_method=(args.work / "dist_store").resolve().as_uri(), rank=rank,
-                                world_size=args.procs)
+    if args.procs == 1:
+        train(args, Group())
+        return
+    dist.init_process_group("gloo", init_method=(args.work / "dist_store").resolve().as_uri(), rank=rank,
+                            world_size=args.procs)
+    try:
+        train(args, Group(rank, args.procs))
+    finally:
+        dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, group: Group) -> None:
+    """The stages `--stage` asks for: the autoencoder (saved to --work/vae.pt), then UNet + text on it."""
     cfg = model_config(args.prediction, args.linear_end, args.attention_resolutions, args.head_channels)
     vae_file = args.work / "vae.pt"
     if args.stage in ("all", "vae"):
         vae, scale, vae_rows = train_vae(cfg, args, Clock(), group)
         if group.main:
-            torch.save({"vae": vae.state_dict(), "scale_factor": scale, "rows": vae_rows}, vae_file)
+            with atomic_path(vae_file) as tmp:
+                torch.save({"vae": vae.state_dict(), "scale_factor": scale, "rows": vae_rows}, tmp)
             write_csv(args.out / "curve_vae.csv", list(vae_rows[0]), [list(r.values()) for r in vae_rows])
+        group.barrier()  # the others read vae.pt next
         if args.stage == "vae":
             return
-        group.barrier()
     saved = torch.load(vae_file, weights_only=True)
     vae = AutoencoderKL(cfg.vae)
     vae.load_state_dict(saved["vae"])
@@ -436,8 +446,6 @@ def run(rank: int, args: argparse.Namespace) -> None:
     unet, text, unet_rows = train_unet(cfg, vae, args, group)
     if group.main:
         write_outputs(cfg, args, vae, unet, text, vae_rows, unet_rows)
-    if args.procs > 1:
-        dist.destroy_process_group()
 
 
 def write_outputs(cfg: ModelConfig, args: argparse.Namespace, vae: AutoencoderKL, unet: UNetModel,
