@@ -97,3 +97,44 @@ def test_a_batch_that_does_not_split_is_refused_clearly():
     assert train.Group(1, 2).share(32, "--batch") == 16
     with pytest.raises(SystemExit, match="--batch 33 does not split over 2 processes"):
         train.Group(0, 2).share(33, "--batch")
+
+
+def shapes_schedule():
+    train = load_train()
+    return train, train.NoiseSchedule.from_config(train.model_config())
+
+
+def test_importance_sampled_timesteps_keep_the_min_snr_objective():
+    """E[weight * f(t)] is the same for both samplers (the Min-SNR objective) for any per-timestep loss f; the
+    importance sampler's weights are constant, so the t-part of its variance is gone."""
+    train, schedule = shapes_schedule()
+    w = train.min_snr_weight(schedule, torch.arange(schedule.num_timesteps), 5.0)
+    f = torch.linspace(2.0, 0.1, schedule.num_timesteps) ** 2  # a per-timestep loss, large at low noise
+    exact = float((w * f).mean())
+    n = 400_000
+    for mode in ("importance", "uniform"):
+        t, weight = train.timestep_sampler(schedule, 5.0, mode)(n, torch.Generator().manual_seed(0))
+        values = weight * f[t]
+        error = float(values.std()) / n ** 0.5
+        assert abs(float(values.mean()) - exact) < 4 * error, mode
+    t, weight = train.timestep_sampler(schedule, 5.0, "importance")(n, torch.Generator().manual_seed(1))
+    assert torch.all(weight == w.mean())
+    _, uniform_weight = train.timestep_sampler(schedule, 5.0, "uniform")(n, torch.Generator().manual_seed(1))
+    assert float(uniform_weight.var()) > 0.05  # what importance sampling removes
+
+
+def test_importance_sampling_draws_timesteps_in_proportion_to_their_weight():
+    train, schedule = shapes_schedule()
+    w = train.min_snr_weight(schedule, torch.arange(schedule.num_timesteps), 5.0)
+    t, _ = train.timestep_sampler(schedule, 5.0, "importance")(200_000, torch.Generator().manual_seed(0))
+    seen = torch.bincount(t // 100, minlength=10).double() / len(t)
+    expected = (w / w.sum()).reshape(10, 100).sum(dim=1).double()
+    assert torch.allclose(seen, expected, atol=0.005)
+    assert float(expected[8:].sum()) < 0.01  # the nearly pure-noise end is rarely drawn ...
+    assert float(expected[1:4].sum()) > 0.6  # ... the mid-noise steps, where shapes form, most often
+
+
+def test_an_unknown_timestep_sampling_is_refused():
+    train, schedule = shapes_schedule()
+    with pytest.raises(ValueError, match="unknown timestep sampling"):
+        train.timestep_sampler(schedule, 5.0, "logit-normal")
