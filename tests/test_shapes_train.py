@@ -138,3 +138,22 @@ def test_an_unknown_timestep_sampling_is_refused():
     train, schedule = shapes_schedule()
     with pytest.raises(ValueError, match="unknown timestep sampling"):
         train.timestep_sampler(schedule, 5.0, "logit-normal")
+
+
+@pytest.mark.parametrize("prediction", ["v", "epsilon"])
+def test_min_snr_weights_match_diffusers(prediction):
+    """The weights both samplers rest on, against diffusers' `compute_snr` and the Min-SNR weighting of its
+    train_text_to_image.py example, on the shapes schedule (scaled linear, 0.00085 to 0.02)."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    train = load_train()
+    cfg = train.model_config(prediction=prediction)
+    schedule = train.NoiseSchedule.from_config(cfg)
+    reference = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=cfg.linear_end,
+                              beta_schedule="scaled_linear",
+                              prediction_type="v_prediction" if prediction == "v" else "epsilon")
+    t = torch.arange(1000)
+    snr = compute_snr(reference, t)
+    expected = torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1 if prediction == "v" else snr)
+    torch.testing.assert_close(train.min_snr_weight(schedule, t, 5.0), expected, rtol=1e-4, atol=1e-7)
