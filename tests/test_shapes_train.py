@@ -157,3 +157,23 @@ def test_min_snr_weights_match_diffusers(prediction):
     snr = compute_snr(reference, t)
     expected = torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1 if prediction == "v" else snr)
     torch.testing.assert_close(train.min_snr_weight(schedule, t, 5.0), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_a_short_context_and_fixed_head_size_round_trip_through_the_loader(tmp_path):
+    """`--context-length 16 --head-channels 16`: the saved file says so (positional embedding rows, yaml), loads
+    through load_checkpoint with the same shapes, and its tokenizer pads every prompt to 16 tokens."""
+    from imagic.loader import load_checkpoint
+    from imagic.export import save_checkpoint
+    from imagic.clip import build_text_encoder
+
+    train = load_train()
+    cfg = train.model_config(head_channels=16, context_length=16)
+    torch.manual_seed(0)
+    unet, vae, text = train.UNetModel(cfg.unet), train.AutoencoderKL(cfg.vae), build_text_encoder(cfg.text)
+    model = load_checkpoint(save_checkpoint(tmp_path / "m.safetensors", unet, vae, text, cfg))
+    assert model.config.text.context_length == 16 and model.config.unet.num_head_channels == 16
+    ids = model.tokenizer([train.S.caption("star", "yellow", "black")])
+    assert ids.shape == (1, 16)
+    torch.testing.assert_close(model.text_encoder(ids), text.eval()(ids))
+    z, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
+    torch.testing.assert_close(model.unet(z, t, model.text_encoder(ids)), unet.eval()(z, t, text(ids)))

@@ -65,7 +65,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def model_config(prediction: str = "v", linear_end: float = 0.02,
-                 attention_resolutions: Tuple[int, ...] = (1, 2, 4), head_channels: int = -1) -> ModelConfig:
+                 attention_resolutions: Tuple[int, ...] = (1, 2, 4), head_channels: int = -1,
+                 context_length: int = 77) -> ModelConfig:
     """The shipped architecture: ~17 MB in fp16, half of it the CLIP token embedding (49408 x 64).
 
     Two departures from SD 1.x, both measured on this world (weights/shapes/README.md): the schedule ends at 0.02,
@@ -77,14 +78,17 @@ def model_config(prediction: str = "v", linear_end: float = 0.02,
     SD 1.x's 4 heads (SD 2.x's `num_head_channels`): 32 gives 1, 2, 4 heads at the three levels and an ~18% faster
     CPU step (each head has its own 256 x 256 score matrix at 16x16: self-attention fwd+bwd of a half batch took
     46 ms with 4 heads, 10 ms with one), but a 45-minute run with it
-    drew the asked shape less often (weights/shapes/README.md), so the shipped model keeps 4 heads."""
+    drew the asked shape less often (weights/shapes/README.md), so the shipped model keeps 4 heads.
+    `context_length` < 77 drops padding positions (a caption is 9 tokens): 16 with 16-channel heads made the step
+    24% faster, not yet shipped either."""
     return ModelConfig(
         family="custom", prediction_type=prediction, image_size=S.IMAGE_SIZE, linear_end=linear_end,  # type: ignore
         unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 4), attention_resolutions=attention_resolutions,
                         num_res_blocks=1, num_heads=-1 if head_channels > 0 else 4,
                         num_head_channels=head_channels, context_dim=64),
         vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=S.IMAGE_SIZE),
-        text=TextConfig(kind="openai", width=64, layers=2, heads=2, mlp_width=256, projection_dim=64))
+        text=TextConfig(kind="openai", width=64, layers=2, heads=2, mlp_width=256, projection_dim=64,
+                        context_length=context_length))
 
 
 def images_tensor(scenes: Sequence[S.Scene]) -> torch.Tensor:
@@ -429,6 +433,8 @@ def main() -> None:
                    help="latent downsampling factors with cross-attention (1 = the full 16x16 latent)")
     p.add_argument("--head-channels", type=int, default=-1,
                    help="channels per attention head (-1: 4 heads at every level, as SD 1.x fixes their number)")
+    p.add_argument("--context-length", type=int, default=77,
+                   help="text tokens per prompt (SD's 77; every shapes caption is 9 with start and end)")
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
     p.add_argument("--timesteps", choices=["uniform", "importance"], default="uniform",
                    help="draw t uniformly and weight the loss (the shipped run), or in proportion to its Min-SNR "
@@ -463,7 +469,8 @@ def run(rank: int, args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace, group: Group) -> None:
     """The stages `--stage` asks for: the autoencoder (saved to --work/vae.pt), then UNet + text on it."""
-    cfg = model_config(args.prediction, args.linear_end, args.attention_resolutions, args.head_channels)
+    cfg = model_config(args.prediction, args.linear_end, args.attention_resolutions, args.head_channels,
+                       args.context_length)
     vae_file = args.work / "vae.pt"
     if args.stage in ("all", "vae"):
         vae, scale, vae_rows = train_vae(cfg, args, Clock(), group)
