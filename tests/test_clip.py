@@ -33,10 +33,11 @@ def hf_keys(state_dict: dict) -> dict:
     return {k.removeprefix("text_model."): v for k, v in state_dict.items()}
 
 
-@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+@pytest.mark.parametrize("act,context_length", [("quick_gelu", 77), ("gelu", 77), ("quick_gelu", 16)])
 @torch.no_grad()
-def test_sd1_matches_transformers(act):
-    cfg = TextConfig(kind="openai", act=act, **SMALL)
+def test_sd1_matches_transformers(act, context_length):
+    """16 tokens: the shapes recipe's --context-length (fewer positions, the same causal mask and EOT pooling)."""
+    cfg = TextConfig(kind="openai", act=act, context_length=context_length, **SMALL)
     ours = randomize_(OpenAICLIPTextModel(cfg)).eval()
     config = hf_config(cfg)
     config._attn_implementation = "eager"  # explicit softmax: a different computation from our SDPA call
