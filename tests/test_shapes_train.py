@@ -27,11 +27,15 @@ def load_train():
 class Tiny(torch.nn.Module):
     def __init__(self):
         super().__init__()
+        self.embed = torch.nn.Embedding(10, 5)  # like the token embedding: only the rows of USED get gradients
         self.net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
         self.unused = torch.nn.Linear(2, 2)  # never called: its gradient stays None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.net(x + self.embed(ids))
+
+
+USED = torch.tensor([2, 5, 7])
 
 
 def tiny_model() -> torch.nn.Module:
@@ -41,11 +45,12 @@ def tiny_model() -> torch.nn.Module:
 
 def batch() -> tuple:
     g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 5, generator=g), torch.randn(8, 3, generator=g)
+    ids = USED[torch.randint(0, len(USED), (8,), generator=g)]
+    return torch.randn(8, 5, generator=g), ids, torch.randn(8, 3, generator=g)
 
 
-def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (model(x) - y).pow(2).mean()
+def loss_of(model: torch.nn.Module, x: torch.Tensor, ids: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (model(x, ids) - y).pow(2).mean()
 
 
 def worker(rank: int, store: str, out: str) -> None:
@@ -54,11 +59,10 @@ def worker(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=Path(store).as_uri(), rank=rank, world_size=2)
     group = train.Group(rank, 2)
     model = tiny_model()
-    x, y = batch()
-    part = group.share(len(x), "batch")
-    loss_of(model, x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]).backward()
+    part = group.share(8, "batch")
+    loss_of(model, *(v[rank * part:(rank + 1) * part] for v in batch())).backward()
     params = list(model.parameters())
-    group.average_gradients(params)
+    group.average_gradients(params, rows={model.embed.weight: USED})  # the other embedding rows are not sent
     logs = group.average_logs({"loss": float(rank), "two": 2.0})
     streams = group.gather(rank * 10)
     if rank == 0:
@@ -177,3 +181,15 @@ def test_a_short_context_and_fixed_head_size_round_trip_through_the_loader(tmp_p
     torch.testing.assert_close(model.text_encoder(ids), text.eval()(ids))
     z, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
     torch.testing.assert_close(model.unet(z, t, model.text_encoder(ids)), unet.eval()(z, t, text(ids)))
+
+
+@pytest.mark.parametrize("kind", ["openai", "openclip"])
+def test_the_token_embedding_is_found_in_either_clip_layout(kind):
+    """The parameter whose rows `Group.average_gradients` sends selectively: vocabulary x width, in both layouts."""
+    from dataclasses import replace
+    from imagic.clip import build_text_encoder
+
+    train = load_train()
+    cfg = replace(train.model_config().text, kind=kind)
+    emb = train.token_embedding(build_text_encoder(cfg))
+    assert emb.shape == (cfg.vocab_size, cfg.width)

@@ -130,17 +130,26 @@ class Group:
             raise SystemExit(f"{what} {n} does not split over {self.world} processes")
         return n // self.world
 
-    def average_gradients(self, params: List[torch.nn.Parameter]) -> None:
+    def average_gradients(self, params: List[torch.nn.Parameter],
+                          rows: Optional[Dict[torch.nn.Parameter, torch.Tensor]] = None) -> None:
         """Mean of every process's gradients, in one all-reduce of them all flattened (hundreds of small
-        all-reduces would cost more than the step's maths). A parameter without a gradient counts as zeros."""
+        all-reduces would cost more than the step's maths). A parameter without a gradient counts as zeros.
+        `rows[p]`: the only rows of p's gradient that can be nonzero in any process (the token embedding's rows of
+        the tokens the captions use); only those are sent, and the rest stays zero."""
         if self.world == 1:
             return
+        rows = rows or {}
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        parts = [g[rows[p]] if p in rows else g for p, g in zip(params, grads)]
+        flat = torch.cat([g.reshape(-1) for g in parts])
         dist.all_reduce(flat)
         flat /= self.world
-        for p, g in zip(params, flat.split([q.numel() for q in params])):
-            p.grad = g.view_as(p)
+        for p, g, part in zip(params, grads, flat.split([q.numel() for q in parts])):
+            if p in rows:
+                g[rows[p]] = part.view(-1, *p.shape[1:])
+                p.grad = g
+            else:
+                p.grad = part.view_as(p)
 
     def total(self, values: Dict[str, float]) -> Dict[str, float]:
         """Sums over the processes."""
@@ -169,10 +178,12 @@ class Group:
 def train_loop(name: str, opt: torch.optim.Optimizer, loss_fn: Callable[[int], Dict[str, float]], steps: int,
                lr: float, log_every: int, clock: Clock, group: Group,
                after_step: Optional[Callable[[int, List], None]] = None,
-               start: int = 0, rows: Optional[List[Dict[str, float]]] = None) -> List[Dict[str, float]]:
+               start: int = 0, rows: Optional[List[Dict[str, float]]] = None,
+               sparse_rows: Optional[Dict[torch.nn.Parameter, torch.Tensor]] = None) -> List[Dict[str, float]]:
     """Cosine schedule, grad clipping at 1, from step `start`. `loss_fn(step)` runs forward and backward on this
     process's part of the batch and returns the numbers to log; the gradients are averaged over the group before
-    clipping, so every process takes the same step. `after_step(step, rows)` runs after each optimiser step."""
+    clipping, so every process takes the same step (`sparse_rows`: see `Group.average_gradients`).
+    `after_step(step, rows)` runs after each optimiser step."""
     params = [p for g in opt.param_groups for p in g["params"]]
     rows, window = list(rows or []), []
     for step in range(start, steps):
@@ -180,7 +191,7 @@ def train_loop(name: str, opt: torch.optim.Optimizer, loss_fn: Callable[[int], D
             g["lr"] = cosine_lr(step, steps, lr)
         opt.zero_grad(set_to_none=True)
         logged = loss_fn(step)
-        group.average_gradients(params)
+        group.average_gradients(params, sparse_rows)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         window.append(logged)
@@ -316,9 +327,18 @@ def train_unet(cfg: ModelConfig, vae: AutoencoderKL, args: argparse.Namespace, g
         if args.snapshot_every and step % args.snapshot_every == 0 and step < args.unet_steps and group.main:
             save_checkpoint(args.work / f"shapes_step{step}.safetensors", ema_unet, vae, ema_text, cfg)
 
+    # 3.2 M of the 7.5 M gradients are the token embedding's, zero but for the ~20 tokens of the captions: sending
+    # only those rows halves the all-reduce (27 -> 17 ms of a ~0.6 s step on 2 cores; the same sums, bit for bit).
+    used = torch.unique(torch.cat(group.gather(torch.unique(torch.cat([ids.flatten(), empty.flatten()])))))
+    sparse_rows = {token_embedding(text): used}
     rows = train_loop("unet", opt, loss_fn, args.unet_steps, args.unet_lr, 50, clock, group, after_step, start,
-                      rows)
+                      rows, sparse_rows)
     return ema_unet.eval(), ema_text.eval(), rows
+
+
+def token_embedding(text: torch.nn.Module) -> torch.nn.Parameter:
+    """The (vocabulary x width) token embedding of either CLIP layout."""
+    return next(p for name, p in text.named_parameters() if name.endswith("token_embedding.weight"))
 
 
 def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
