@@ -75,8 +75,9 @@ def _unsupported(sd: StateDict) -> Optional[str]:
         return "the x4 upscaler"
     if any_prefix("depth_model."):
         return "depth-to-image"
-    w = sd.get(UNET + "input_blocks.0.0.weight")
-    if w is not None and w.ndim == 4 and w.shape[1] != 4:
+    w, out = sd.get(UNET + "input_blocks.0.0.weight"), sd.get(UNET + "out.2.weight")
+    latent = int(out.shape[0]) if out is not None and out.ndim == 4 else 4
+    if w is not None and w.ndim == 4 and w.shape[1] != latent:  # the extra inputs are another pipeline's conditioning
         names = {9: "inpainting", 8: "instruct-pix2pix", 5: "depth-to-image", 7: "the x4 upscaler"}
         return f"{names.get(w.shape[1], 'a non-standard')} model ({w.shape[1]} UNet input channels)"
     if any_prefix("down_blocks.", "unet.down_blocks.", "text_model.encoder."):

@@ -220,6 +220,8 @@ def _wrong_architecture(d: Path, good: Path) -> Corpus:
         "sdxl": ({"conditioner.embedders.0.transformer.x": torch.zeros(1), UNET + "input_blocks.0.0.weight":
                   torch.zeros(8, 4, 3, 3)}, "SDXL"),
         "inpainting": ({UNET + "input_blocks.0.0.weight": torch.zeros(32, 9, 3, 3)}, "inpainting"),
+        "inpainting_with_output": ({UNET + "input_blocks.0.0.weight": torch.zeros(32, 9, 3, 3),
+                                    UNET + "out.2.weight": torch.zeros(4, 32, 3, 3)}, "inpainting"),
         "diffusers_layout": ({"down_blocks.0.resnets.0.conv1.weight": torch.zeros(1)}, "diffusers-format"),
         "standalone_vae": ({"encoder.down.0.block.0.conv1.weight": torch.zeros(1)}, "standalone VAE"),
         "lora_file": ({"lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)}, "LoRA file"),
@@ -306,8 +308,8 @@ CASES = ["pickle_" + n for n in ("os_system", "eval", "exec", "import", "getattr
         "huge_header_length", "header_longer_than_file", "header_not_a_dict", "header_trailing_garbage",
         "entry_not_a_dict", "duplicate_keys",
         "nested_100k_deep", "metadata_not_strings", "no_tensors")] + \
-    ["arch_" + n for n in ("sdxl", "inpainting", "diffusers_layout", "standalone_vae", "lora_file", "sd3",
-                           "unrelated_tensors", "vae_and_text_only", "unet_without_cross_attention",
+    ["arch_" + n for n in ("sdxl", "inpainting", "inpainting_with_output", "diffusers_layout", "standalone_vae",
+                           "lora_file", "sd3", "unrelated_tensors", "vae_and_text_only", "unet_without_cross_attention",
                            "missing_unet_tensor", "yaml_beside_not_yaml", "yaml_beside_nested_50k",
                            "yaml_beside_wrong_type")] + \
     ["missing", "empty_file", "text_file", "png_named_ckpt", "directory", "symlink_loop", "symlink_cycle_of_two",

@@ -163,23 +163,29 @@ def test_min_snr_weights_match_diffusers(prediction):
     torch.testing.assert_close(train.min_snr_weight(schedule, t, 5.0), expected, rtol=1e-4, atol=1e-7)
 
 
-def test_a_short_context_and_fixed_head_size_round_trip_through_the_loader(tmp_path):
-    """`--context-length 16 --head-channels 16`: the saved file says so (positional embedding rows, yaml), loads
-    through load_checkpoint with the same shapes, and its tokenizer pads every prompt to 16 tokens."""
+def test_a_short_context_fixed_heads_and_an_f8_latent_round_trip_through_the_loader(tmp_path):
+    """`--context-length 16 --head-channels 16 --vae-ch-mult 1,2,2,2 --latent-channels 16`: the saved file says so
+    (positional embedding rows, latent depth, yaml), loads through load_checkpoint with the same shapes, its
+    tokenizer pads every prompt to 16 tokens, and the autoencoder maps 64x64 images to 8x8x16 latents and back."""
     from imagic.loader import load_checkpoint
     from imagic.export import save_checkpoint
     from imagic.clip import build_text_encoder
 
     train = load_train()
-    cfg = train.model_config(head_channels=16, context_length=16)
+    cfg = train.model_config(head_channels=16, context_length=16, vae_ch_mult=(1, 2, 2, 2), latent_channels=16)
     torch.manual_seed(0)
     unet, vae, text = train.UNetModel(cfg.unet), train.AutoencoderKL(cfg.vae), build_text_encoder(cfg.text)
     model = load_checkpoint(save_checkpoint(tmp_path / "m.safetensors", unet, vae, text, cfg))
     assert model.config.text.context_length == 16 and model.config.unet.num_head_channels == 16
+    assert (model.config.latent_size, model.config.vae.downsample_factor, model.config.unet.in_channels) == (8, 8, 16)
     ids = model.tokenizer([train.S.caption("star", "yellow", "black")])
     assert ids.shape == (1, 16)
     torch.testing.assert_close(model.text_encoder(ids), text.eval()(ids))
-    z, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
+    x = train.images_tensor([train.S.scene_for_seed(0)])
+    z = model.vae.encode(x).mean
+    assert z.shape == (1, 16, 8, 8)
+    torch.testing.assert_close(model.vae.decode(z), vae.eval().decode(vae.encode(x).mean))
+    t = torch.tensor([500])
     torch.testing.assert_close(model.unet(z, t, model.text_encoder(ids)), unet.eval()(z, t, text(ids)))
 
 

@@ -66,7 +66,8 @@ HERE = Path(__file__).resolve().parent
 
 def model_config(prediction: str = "v", linear_end: float = 0.02,
                  attention_resolutions: Tuple[int, ...] = (1, 2, 4), head_channels: int = -1,
-                 context_length: int = 77) -> ModelConfig:
+                 context_length: int = 77, vae_ch_mult: Tuple[int, ...] = (1, 2, 2),
+                 latent_channels: int = 4) -> ModelConfig:
     """The shipped architecture: ~17 MB in fp16, half of it the CLIP token embedding (49408 x 64).
 
     Two departures from SD 1.x, both measured on this world (weights/shapes/README.md): the schedule ends at 0.02,
@@ -80,13 +81,16 @@ def model_config(prediction: str = "v", linear_end: float = 0.02,
     46 ms with 4 heads, 10 ms with one), but a 45-minute run with it
     drew the asked shape less often (weights/shapes/README.md), so the shipped model keeps 4 heads.
     `context_length` < 77 drops padding positions (a caption is 9 tokens): 16 with 16-channel heads made the step
-    24% faster, not yet shipped either."""
+    24% faster, not yet shipped either. `vae_ch_mult` (1, 2, 2, 2) makes the autoencoder f = 8 (an 8x8 latent,
+    a quarter of the UNet's positions) and `latent_channels` sets the latent's depth (SD: 4)."""
     return ModelConfig(
         family="custom", prediction_type=prediction, image_size=S.IMAGE_SIZE, linear_end=linear_end,  # type: ignore
         unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 4), attention_resolutions=attention_resolutions,
                         num_res_blocks=1, num_heads=-1 if head_channels > 0 else 4,
-                        num_head_channels=head_channels, context_dim=64),
-        vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=S.IMAGE_SIZE),
+                        num_head_channels=head_channels, context_dim=64, in_channels=latent_channels,
+                        out_channels=latent_channels),
+        vae=VAEConfig(ch=32, ch_mult=vae_ch_mult, num_res_blocks=1, resolution=S.IMAGE_SIZE,
+                      z_channels=latent_channels, embed_dim=latent_channels),
         text=TextConfig(kind="openai", width=64, layers=2, heads=2, mlp_width=256, projection_dim=64,
                         context_length=context_length))
 
@@ -227,8 +231,9 @@ def train_vae(cfg: ModelConfig, args: argparse.Namespace, clock: Clock, group: G
     def loss_fn(step: int) -> Dict[str, float]:
         full = step >= args.vae_crop_steps
         x = images_tensor([S.random_scene(rng) for _ in range(full_images if full else crops)])
-        if not full:  # one random 32x32 crop per batch, on the 4-pixel latent grid
-            i, j = (int(v) * 4 for v in rng.integers(0, 9, size=2))
+        if not full:  # one random 32x32 crop per batch, on the latent grid
+            f = cfg.vae.downsample_factor
+            i, j = (int(v) * f for v in rng.integers(0, (S.IMAGE_SIZE - 32) // f + 1, size=2))
             x = x[:, :, i:i + 32, j:j + 32]
         post = vae.encode(x)
         rec = vae.decode(post.sample())
@@ -428,6 +433,10 @@ def plot_curves(vae_rows: List[Dict[str, float]], unet_rows: List[Dict[str, floa
     plot_losses(curves).save(path)
 
 
+def int_tuple(text: str) -> Tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=HERE)
@@ -449,12 +458,15 @@ def main() -> None:
     p.add_argument("--prediction", choices=["epsilon", "v"], default="v")
     p.add_argument("--linear-end", type=float, default=0.02, help="end of SD's linear beta schedule")
     p.add_argument("--offset-noise", type=float, default=0.0, help="std of a per-channel constant added to the noise")
-    p.add_argument("--attention-resolutions", type=lambda v: tuple(int(x) for x in v.split(",")), default=(1, 2, 4),
+    p.add_argument("--attention-resolutions", type=int_tuple, default=(1, 2, 4),
                    help="latent downsampling factors with cross-attention (1 = the full 16x16 latent)")
     p.add_argument("--head-channels", type=int, default=-1,
                    help="channels per attention head (-1: 4 heads at every level, as SD 1.x fixes their number)")
     p.add_argument("--context-length", type=int, default=77,
                    help="text tokens per prompt (SD's 77; every shapes caption is 9 with start and end)")
+    p.add_argument("--vae-ch-mult", type=int_tuple, default=(1, 2, 2),
+                   help="autoencoder channel multipliers; one downsampling per entry after the first (f = 4)")
+    p.add_argument("--latent-channels", type=int, default=4, help="channels of the latent (SD: 4)")
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
     p.add_argument("--timesteps", choices=["uniform", "importance"], default="uniform",
                    help="draw t uniformly and weight the loss (the shipped run), or in proportion to its Min-SNR "
@@ -490,7 +502,7 @@ def run(rank: int, args: argparse.Namespace) -> None:
 def train(args: argparse.Namespace, group: Group) -> None:
     """The stages `--stage` asks for: the autoencoder (saved to --work/vae.pt), then UNet + text on it."""
     cfg = model_config(args.prediction, args.linear_end, args.attention_resolutions, args.head_channels,
-                       args.context_length)
+                       args.context_length, args.vae_ch_mult, args.latent_channels)
     vae_file = args.work / "vae.pt"
     if args.stage in ("all", "vae"):
         vae, scale, vae_rows = train_vae(cfg, args, Clock(), group)
