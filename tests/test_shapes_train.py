@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -199,3 +200,17 @@ def test_the_token_embedding_is_found_in_either_clip_layout(kind):
     cfg = replace(train.model_config().text, kind=kind)
     emb = train.token_embedding(build_text_encoder(cfg))
     assert emb.shape == (cfg.vocab_size, cfg.width)
+
+
+def test_gradient_l1_is_zero_for_equal_images_and_counts_a_softened_edge():
+    """The autoencoder's `--edge-weight` term, against numpy's differences: a step edge blurred over three pixels
+    has the same pixel means as the sharp one but a measurable difference in its gradients."""
+    train = load_train()
+    sharp = torch.zeros(1, 1, 4, 8)
+    sharp[..., 4:] = 1.0
+    soft = sharp.clone()
+    soft[..., 3], soft[..., 4] = 1 / 3, 2 / 3
+    assert train.gradient_l1(sharp, sharp).item() == 0.0
+    a, b = sharp.numpy(), soft.numpy()
+    expected = sum(np.abs(np.diff(b, axis=ax) - np.diff(a, axis=ax)).mean() for ax in (-1, -2))
+    assert train.gradient_l1(soft, sharp).item() == pytest.approx(expected) and expected > 0.05
