@@ -164,6 +164,20 @@ def test_min_snr_weights_match_diffusers(prediction):
     torch.testing.assert_close(train.min_snr_weight(schedule, t, 5.0), expected, rtol=1e-4, atol=1e-7)
 
 
+def test_a_weight_floor_raises_only_the_weights_below_it():
+    """`--weight-floor`: Min-SNR weights under the floor become the floor (the high-noise end of the v weights),
+    the others stay; the importance sampler then draws the noisy end in proportion to the floor."""
+    train, schedule = shapes_schedule()
+    t = torch.arange(schedule.num_timesteps)
+    plain, floored = train.min_snr_weight(schedule, t, 5.0), train.min_snr_weight(schedule, t, 5.0, floor=0.3)
+    low = plain < 0.3
+    assert 0.4 < float(low.double().mean()) < 0.7 and bool(low[-1]) and not bool(low[200])
+    assert torch.all(floored[low] == 0.3) and torch.equal(floored[~low], plain[~low])
+    draws, _ = train.timestep_sampler(schedule, 5.0, "importance", floor=0.3)(200_000, torch.Generator().manual_seed(0))
+    expected = float(floored[800:].sum() / floored.sum())
+    assert abs(float((draws >= 800).double().mean()) - expected) < 0.005 and expected > 0.1
+
+
 def test_a_short_context_fixed_heads_and_an_f8_latent_round_trip_through_the_loader(tmp_path):
     """`--context-length 16 --head-channels 16 --vae-ch-mult 1,2,2,2 --latent-channels 16`: the saved file says so
     (positional embedding rows, latent depth, yaml), loads through load_checkpoint with the same shapes, its
