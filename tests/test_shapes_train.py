@@ -145,8 +145,8 @@ def test_an_unknown_timestep_sampling_is_refused():
         train.timestep_sampler(schedule, 5.0, "logit-normal")
 
 
-@pytest.mark.parametrize("prediction", ["v", "epsilon"])
-def test_min_snr_weights_match_diffusers(prediction):
+@pytest.mark.parametrize("prediction, floor", [("v", 0.0), ("epsilon", 0.0), ("v", 0.3)])
+def test_min_snr_weights_match_diffusers(prediction, floor):
     """The weights both samplers rest on, against diffusers' `compute_snr` and the Min-SNR weighting of its
     train_text_to_image.py example, on the shapes schedule (scaled linear, 0.00085 to 0.02)."""
     from diffusers import DDPMScheduler
@@ -161,7 +161,8 @@ def test_min_snr_weights_match_diffusers(prediction):
     t = torch.arange(1000)
     snr = compute_snr(reference, t)
     expected = torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1 if prediction == "v" else snr)
-    torch.testing.assert_close(train.min_snr_weight(schedule, t, 5.0), expected, rtol=1e-4, atol=1e-7)
+    expected = torch.maximum(expected, torch.full_like(expected, floor))  # --weight-floor
+    torch.testing.assert_close(train.min_snr_weight(schedule, t, 5.0, floor), expected, rtol=1e-4, atol=1e-7)
 
 
 def test_a_weight_floor_raises_only_the_weights_below_it():

@@ -340,7 +340,7 @@ def train_unet(cfg: ModelConfig, vae: AutoencoderKL, args: argparse.Namespace, g
             save_checkpoint(args.work / f"shapes_step{step}.safetensors", ema_unet, vae, ema_text, cfg)
 
     # 3.2 M of the 7.5 M gradients are the token embedding's, zero but for the ~20 tokens of the captions: sending
-    # only those rows cuts a bare all-reduce from 27 to 17 ms (of a ~0.6 s step on 2 cores; the same sums).
+    # only those rows cuts a bare all-reduce from 27 to 17 ms (of a 0.6-0.9 s step on 2 cores; the same sums).
     used = torch.unique(torch.cat(group.gather(torch.unique(torch.cat([ids.flatten(), empty.flatten()])))))
     sparse_rows = {token_embedding(text): used}
     rows = train_loop("unet", opt, loss_fn, args.unet_steps, args.unet_lr, 50, clock, group, after_step, start,
@@ -459,7 +459,8 @@ def plot_curves(vae_rows: List[Dict[str, float]], unet_rows: List[Dict[str, floa
     if vae_rows:
         curves["VAE L1 (per 25 steps)"] = [r["l1"] for r in vae_rows]
     if unet_rows:
-        # The objective, comparable across --timesteps (the plain MSE is over differently drawn t).
+        # The objective, comparable across --timesteps (the plain MSE is over differently drawn t); with
+        # --weight-floor the weights are floored, so compare such runs by the logged "mse" instead.
         curves["UNet + text: Min-SNR-weighted v MSE (per 50 steps)"] = [r["loss"] for r in unet_rows]
     plot_losses(curves).save(path)
 
