@@ -63,7 +63,7 @@ def worker(rank: int, store: str, out: str) -> None:
     part = group.share(8, "batch")
     loss_of(model, *(v[rank * part:(rank + 1) * part] for v in batch())).backward()
     params = list(model.parameters())
-    group.average_gradients(params, rows={model.embed.weight: USED})  # the other embedding rows are not sent
+    group.average_gradients(params)
     logs = group.average_logs({"loss": float(rank), "two": 2.0})
     streams = group.gather(rank * 10)
     if rank == 0:
@@ -207,15 +207,40 @@ def test_a_short_context_fixed_heads_and_an_f8_latent_round_trip_through_the_loa
 
 
 @pytest.mark.parametrize("kind", ["openai", "openclip"])
-def test_the_token_embedding_is_found_in_either_clip_layout(kind):
-    """The parameter whose rows `Group.average_gradients` sends selectively: vocabulary x width, in both layouts."""
+def test_a_compact_vocabulary_trains_what_the_full_table_trains(kind):
+    """`CompactVocabulary` against the reference, training the whole 49,408-row token table: the same AdamW steps
+    with the recipe's clipping give the same text encoder in both CLIP layouts, untouched rows included."""
+    import copy
     from dataclasses import replace
     from imagic.clip import build_text_encoder
+    from imagic.tokenizer import Tokenizer
 
     train = load_train()
     cfg = replace(train.model_config().text, kind=kind)
-    emb = train.token_embedding(build_text_encoder(cfg))
-    assert emb.shape == (cfg.vocab_size, cfg.width)
+    tokenizer = Tokenizer.for_text_config(cfg)
+    ids = tokenizer(train.world_captions()[::15] + [""])
+    torch.manual_seed(0)
+    full = build_text_encoder(cfg)
+    compact = copy.deepcopy(full)
+    vocab = train.CompactVocabulary(compact, tokenizer(train.world_captions() + [""]))
+    target = torch.randn(len(ids), cfg.context_length, cfg.width, generator=torch.Generator().manual_seed(1))
+    for model, inputs in ((full, ids), (compact, vocab.remap(ids))):
+        params = list(model.parameters())
+        opt = train.adamw(params, 1e-2)
+        for _ in range(5):
+            opt.zero_grad(set_to_none=True)
+            (model(inputs) - target).pow(2).mean().backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+    expected, got = full.state_dict(), vocab.full(compact).state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+    table = next(v for k, v in got.items() if k.endswith("token_embedding.weight"))
+    assert table.shape == (cfg.vocab_size, cfg.width)
+    assert not torch.allclose(table[vocab.used], vocab.initial[vocab.used])  # the used rows did train
+    with pytest.raises(ValueError, match="outside the compact vocabulary"):
+        vocab.remap(tokenizer(["a purple hexagon"]))
 
 
 def test_gradient_l1_is_zero_for_equal_images_and_counts_a_softened_edge():

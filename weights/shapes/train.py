@@ -76,13 +76,16 @@ def model_config(prediction: str = "v", linear_end: float = 0.02,
     noise started off the training distribution; and cross-attention at every level including the full 16x16
     latent, where a 64x64 shape spans only a few latent pixels: without it, txt2img drew the asked shape no more
     often than chance (colour and background were right). `head_channels` > 0 fixes the head size instead of
-    SD 1.x's 4 heads (SD 2.x's `num_head_channels`): 32 gives 1, 2, 4 heads at the three levels and an ~18% faster
+    SD 1.x's 4 heads (SD 2.x's `num_head_channels`): 32 gives 1, 2, 4 heads at the three levels and a ~30% cheaper
     CPU step (each head has its own 256 x 256 score matrix at 16x16: self-attention fwd+bwd of a half batch took
-    46 ms with 4 heads, 10 ms with one), but a 45-minute run with it
-    drew the asked shape less often (weights/shapes/README.md), so the shipped model keeps 4 heads.
-    `context_length` < 77 drops padding positions (a caption is 9 tokens): 16 with 16-channel heads made the step
-    24% faster, not yet shipped either. `vae_ch_mult` (1, 2, 2, 2) makes the autoencoder f = 8 (an 8x8 latent,
-    a quarter of the UNet's positions) and `latent_channels` sets the latent's depth (SD: 4)."""
+    39-49 ms with 4 heads of 8 channels, 9 ms with one of 32). A 4000-step run with it drew the asked shape in 44%
+    of 96 samples (the shipped 4-head model: 48%), but failed three of the shipped model's tests
+    narrowly, so the shipped model keeps 4 heads (weights/shapes/README.md). `context_length` < 77 drops padding
+    positions (a caption is 9 tokens), but it costs shapes: the same run with 16 tokens drew 35%; the UNet's
+    16x16 cross-attention puts most of its weight on the end-of-text and padding positions, causal summaries of
+    the whole caption, 69 of them with 77 tokens and 8 with 16. `vae_ch_mult` (1, 2, 2, 2) makes the
+    autoencoder f = 8 (an 8x8 latent, a quarter of the UNet's positions) and `latent_channels` sets the latent's
+    depth (SD: 4)."""
     return ModelConfig(
         family="custom", prediction_type=prediction, image_size=S.IMAGE_SIZE, linear_end=linear_end,  # type: ignore
         unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 4), attention_resolutions=attention_resolutions,
@@ -134,26 +137,17 @@ class Group:
             raise SystemExit(f"{what} {n} does not split over {self.world} processes")
         return n // self.world
 
-    def average_gradients(self, params: List[torch.nn.Parameter],
-                          rows: Optional[Dict[torch.nn.Parameter, torch.Tensor]] = None) -> None:
+    def average_gradients(self, params: List[torch.nn.Parameter]) -> None:
         """Mean of every process's gradients, in one all-reduce of them all flattened (hundreds of small
-        all-reduces would cost more than the step's maths). A parameter without a gradient counts as zeros.
-        `rows[p]`: the only rows of p's gradient that can be nonzero in any process (the token embedding's rows of
-        the tokens the captions use); only those are sent, and the rest stays zero."""
+        all-reduces would cost more than the step's maths). A parameter without a gradient counts as zeros."""
         if self.world == 1:
             return
-        rows = rows or {}
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        parts = [g[rows[p]] if p in rows else g for p, g in zip(params, grads)]
-        flat = torch.cat([g.reshape(-1) for g in parts])
+        flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat /= self.world
-        for p, g, part in zip(params, grads, flat.split([q.numel() for q in parts])):
-            if p in rows:
-                g[rows[p]] = part.view(-1, *p.shape[1:])
-                p.grad = g
-            else:
-                p.grad = part.view_as(p)
+        for p, part in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = part.view_as(p)
 
     def total(self, values: Dict[str, float]) -> Dict[str, float]:
         """Sums over the processes."""
@@ -182,11 +176,10 @@ class Group:
 def train_loop(name: str, opt: torch.optim.Optimizer, loss_fn: Callable[[int], Dict[str, float]], steps: int,
                lr: float, log_every: int, clock: Clock, group: Group,
                after_step: Optional[Callable[[int, List], None]] = None,
-               start: int = 0, rows: Optional[List[Dict[str, float]]] = None,
-               sparse_rows: Optional[Dict[torch.nn.Parameter, torch.Tensor]] = None) -> List[Dict[str, float]]:
+               start: int = 0, rows: Optional[List[Dict[str, float]]] = None) -> List[Dict[str, float]]:
     """Cosine schedule, grad clipping at 1, from step `start`. `loss_fn(step)` runs forward and backward on this
     process's part of the batch and returns the numbers to log; the gradients are averaged over the group before
-    clipping, so every process takes the same step (`sparse_rows`: see `Group.average_gradients`).
+    clipping, so every process takes the same step.
     `after_step(step, rows)` runs after each optimiser step."""
     params = [p for g in opt.param_groups for p in g["params"]]
     rows, window = list(rows or []), []
@@ -195,7 +188,7 @@ def train_loop(name: str, opt: torch.optim.Optimizer, loss_fn: Callable[[int], D
             g["lr"] = cosine_lr(step, steps, lr)
         opt.zero_grad(set_to_none=True)
         logged = loss_fn(step)
-        group.average_gradients(params, sparse_rows)
+        group.average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         window.append(logged)
@@ -214,7 +207,8 @@ def train_loop(name: str, opt: torch.optim.Optimizer, loss_fn: Callable[[int], D
 
 
 def adamw(params: List[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """No weight decay: most token embeddings are never used and must not shrink. Fused: one kernel for the
+    """No weight decay: an unused token embedding must not shrink (and `CompactVocabulary` is exact only
+    without it). Fused: one kernel for the
     few hundred tensors, about 3x faster than the for-each version on a CPU (imagic.training.make_adam)."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
 
@@ -280,6 +274,8 @@ def train_unet(cfg: ModelConfig, vae: AutoencoderKL, args: argparse.Namespace, g
     processes). Every process starts from the same seeded weights; each has its own random stream."""
     torch.manual_seed(args.seed + 1)
     unet, text = UNetModel(cfg.unet).train(), build_text_encoder(cfg.text).train()
+    tokenizer = Tokenizer.for_text_config(cfg.text)
+    vocab = CompactVocabulary(text, tokenizer(world_captions() + [""]))
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
     params = list(unet.parameters()) + list(text.parameters())
     opt = adamw(params, args.unet_lr)
@@ -300,13 +296,12 @@ def train_unet(cfg: ModelConfig, vae: AutoencoderKL, args: argparse.Namespace, g
         clock = Clock(rows[-1]["elapsed_s"], rows[-1]["cpu_s"] / group.world)
         if group.main:
             print(f"resuming from step {start}", flush=True)
-    tokenizer = Tokenizer.for_text_config(cfg.text)
     schedule = NoiseSchedule.from_config(cfg)
     means, stds, captions = encode_pool(vae, args.pool, args.seed, group)
     if group.main:
         print(f"encoded a pool of {args.pool} scenes at {clock.read()}", flush=True)
-    ids = tokenizer(captions)
-    empty = tokenizer("")
+    ids = vocab.remap(tokenizer(captions))
+    empty = vocab.remap(tokenizer(""))
     draw_timesteps = timestep_sampler(schedule, args.min_snr_gamma, args.timesteps, args.weight_floor)
 
     def loss_fn(step: int) -> Dict[str, float]:
@@ -337,20 +332,60 @@ def train_unet(cfg: ModelConfig, vae: AutoencoderKL, args: argparse.Namespace, g
                     torch.save({**{k: m.state_dict() for k, m in modules.items()}, "rng": streams,
                                 "step": step, "rows": rows}, tmp)
         if args.snapshot_every and step % args.snapshot_every == 0 and step < args.unet_steps and group.main:
-            save_checkpoint(args.work / f"shapes_step{step}.safetensors", ema_unet, vae, ema_text, cfg)
+            save_checkpoint(args.work / f"shapes_step{step}.safetensors", ema_unet, vae, vocab.full(ema_text), cfg)
 
-    # 3.2 M of the 7.5 M gradients are the token embedding's, zero but for the ~20 tokens of the captions: sending
-    # only those rows cuts a bare all-reduce from 27 to 17 ms (of a 0.6-0.9 s step on 2 cores; the same sums).
-    used = torch.unique(torch.cat(group.gather(torch.unique(torch.cat([ids.flatten(), empty.flatten()])))))
-    sparse_rows = {token_embedding(text): used}
-    rows = train_loop("unet", opt, loss_fn, args.unet_steps, args.unet_lr, 50, clock, group, after_step, start,
-                      rows, sparse_rows)
-    return ema_unet.eval(), ema_text.eval(), rows
+    rows = train_loop("unet", opt, loss_fn, args.unet_steps, args.unet_lr, 50, clock, group, after_step, start, rows)
+    return ema_unet.eval(), vocab.full(ema_text).eval(), rows
 
 
-def token_embedding(text: torch.nn.Module) -> torch.nn.Parameter:
-    """The (vocabulary x width) token embedding of either CLIP layout."""
-    return next(p for name, p in text.named_parameters() if name.endswith("token_embedding.weight"))
+def world_captions() -> List[str]:
+    """Every caption of the shapes world (4 shapes x 6 colours x 5 other backgrounds = 120)."""
+    return [S.caption(shape, color, bg) for shape in S.SHAPES for color in S.COLORS for bg in S.COLORS if bg != color]
+
+
+class CompactVocabulary:
+    """Trains only the token-embedding rows that the world's captions use (15 of CLIP's 49,408: start, end/padding, 13 words), and puts the
+    whole table back for saving.
+
+    Exact: a row that never gets a gradient never moves under AdamW without weight decay (its moments stay 0, so
+    its update is 0), nor under the EMA of an unchanged row, nor does it change the gradient-norm clip. So the
+    saved model is the one training the full table gives, without the per-step passes over its 3.2 M values
+    (dense gradient, clip, AdamW, EMA, all-reduce) that cost ~20 ms of a ~0.5 s step.
+
+    `text`'s token embedding is replaced by the compact table in place; feed it `remap(ids)`."""
+
+    def __init__(self, text: torch.nn.Module, ids: torch.Tensor):
+        self.name = next(n for n, m in text.named_modules() if n.endswith("token_embedding"))
+        table = text.get_submodule(self.name)
+        self.initial = table.weight.detach().clone()  # the rows no caption uses stay at their initial values
+        self.used = torch.unique(ids)
+        self.index = torch.full((table.num_embeddings,), -1, dtype=torch.long)
+        self.index[self.used] = torch.arange(len(self.used))
+        compact = torch.nn.Embedding(len(self.used), table.embedding_dim)
+        with torch.no_grad():
+            compact.weight.copy_(self.initial[self.used])
+        self._put(text, compact)
+
+    def remap(self, ids: torch.Tensor) -> torch.Tensor:
+        """Vocabulary ids -> rows of the compact table."""
+        rows = self.index[ids]
+        if bool((rows < 0).any()):
+            raise ValueError(f"tokens outside the compact vocabulary: {sorted(set(ids[rows < 0].tolist()))}")
+        return rows
+
+    def full(self, text: torch.nn.Module) -> torch.nn.Module:
+        """A copy of `text` (or of its EMA) with the whole vocabulary table: the trained rows in the initial one."""
+        out = copy.deepcopy(text)
+        table = torch.nn.Embedding(*self.initial.shape)
+        with torch.no_grad():
+            table.weight.copy_(self.initial)
+            table.weight[self.used] = text.get_submodule(self.name).weight
+        self._put(out, table)
+        return out
+
+    def _put(self, text: torch.nn.Module, table: torch.nn.Embedding) -> None:
+        parent, _, attr = self.name.rpartition(".")
+        setattr(text.get_submodule(parent), attr, table)
 
 
 def min_snr_weight(schedule: NoiseSchedule, t: torch.Tensor, gamma: float, floor: float = 0.0) -> torch.Tensor:
