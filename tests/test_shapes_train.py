@@ -264,3 +264,23 @@ def test_img2img_from_a_low_strength_keeps_shapes_that_a_high_one_loses():
     kept = train.img2img_shape_kept(TRAIN_PY.parent / "shapes.safetensors", [0.1, 0.85], n=8)
     assert set(kept) == {0.1, 0.85}
     assert kept[0.1] >= 0.75 and kept[0.85] <= kept[0.1] - 0.25, kept
+
+
+def test_an_interrupted_run_reuses_only_an_autoencoder_trained_with_the_same_settings(tmp_path):
+    """`--stage all` run again after an interruption skips the ~7-minute autoencoder only when --work holds one
+    saved with the same deciding arguments; a missing file, an older file without settings, or another seed
+    train it again."""
+    import argparse
+    train = load_train()
+    args = argparse.Namespace(seed=0, procs=2, vae_steps=1100, vae_crop_steps=600, vae_batch=16, vae_lr=1e-3,
+                              kl_weight=1e-8, edge_weight=0.0, vae_ch_mult=(1, 2, 2), latent_channels=4,
+                              unet_steps=4000)
+    vae_file, group = tmp_path / "vae.pt", train.Group()
+    assert not train.vae_done(vae_file, args, group)
+    torch.save({"vae": {}, "scale_factor": 1.0, "rows": []}, vae_file)
+    assert not train.vae_done(vae_file, args, group)
+    torch.save({"vae": {}, "scale_factor": 1.0, "rows": [], "settings": train.vae_settings(args)}, vae_file)
+    assert train.vae_done(vae_file, args, group)
+    assert train.vae_done(vae_file, argparse.Namespace(**{**vars(args), "unet_steps": 10}), group)
+    assert not train.vae_done(vae_file, argparse.Namespace(**{**vars(args), "seed": 1}), group)
+    assert not train.vae_done(vae_file, argparse.Namespace(**{**vars(args), "vae_ch_mult": (1, 2, 2, 2)}), group)

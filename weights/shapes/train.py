@@ -32,6 +32,9 @@ train_summary.json into --out; intermediate state goes to --work.
     python weights/shapes/train.py                 # the shipped recipe, two data-parallel processes
     python weights/shapes/train.py --procs 1       # one process, as the shipped file was trained
     python weights/shapes/train.py --stage unet    # reuse the VAE from --work
+
+Interrupted, the same command resumes: the autoencoder is reused when --work holds one trained with the same
+settings (a half-trained one, ~7 minutes, starts over), and the UNet continues from its last resumable state.
 """
 from __future__ import annotations
 
@@ -575,11 +578,12 @@ def train(args: argparse.Namespace, group: Group) -> None:
     cfg = model_config(args.prediction, args.linear_end, args.attention_resolutions, args.head_channels,
                        args.context_length, args.vae_ch_mult, args.latent_channels)
     vae_file = args.work / "vae.pt"
-    if args.stage in ("all", "vae"):
+    if args.stage == "vae" or (args.stage == "all" and not vae_done(vae_file, args, group)):
         vae, scale, vae_rows = train_vae(cfg, args, Clock(), group)
         if group.main:
             with atomic_path(vae_file) as tmp:
-                torch.save({"vae": vae.state_dict(), "scale_factor": scale, "rows": vae_rows}, tmp)
+                torch.save({"vae": vae.state_dict(), "scale_factor": scale, "rows": vae_rows,
+                            "settings": vae_settings(args)}, tmp)
             write_csv(args.out / "curve_vae.csv", list(vae_rows[0]), [list(r.values()) for r in vae_rows])
         group.barrier()  # the others read vae.pt next
         if args.stage == "vae":
@@ -592,6 +596,21 @@ def train(args: argparse.Namespace, group: Group) -> None:
     unet, text, unet_rows = train_unet(cfg, vae, args, group)
     if group.main:
         write_outputs(cfg, args, vae, unet, text, vae_rows, unet_rows)
+
+
+def vae_settings(args: argparse.Namespace) -> Dict[str, str]:
+    """The arguments that decide the autoencoder: an interrupted run with the same ones reuses its vae.pt."""
+    keys = ("seed", "procs", "vae_steps", "vae_crop_steps", "vae_batch", "vae_lr", "kl_weight", "edge_weight",
+            "vae_ch_mult", "latent_channels")
+    return {k: repr(getattr(args, k)) for k in keys}
+
+
+def vae_done(vae_file: Path, args: argparse.Namespace, group: Group) -> bool:
+    if not vae_file.exists() or torch.load(vae_file, weights_only=True).get("settings") != vae_settings(args):
+        return False
+    if group.main:
+            print(f"reusing the autoencoder in {vae_file} (trained with the same settings)", flush=True)
+    return True
 
 
 def write_outputs(cfg: ModelConfig, args: argparse.Namespace, vae: AutoencoderKL, unet: UNetModel,
