@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from imagic.fileio import write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -99,5 +101,5 @@ def write_table(name: str, title: str, header: Sequence[str], rows: Sequence[Seq
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"
-    path.write_text(text)
+    write_text(path, text)
     return path

@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from imagic import shapes as S  # noqa: E402
+from imagic.fileio import write_text  # noqa: E402
+from imagic.images import save_png  # noqa: E402
 
 CKPT = ROOT / "weights" / "shapes" / "shapes.safetensors"
 EVAL_NAMESPACE = 1
@@ -237,11 +239,12 @@ def main() -> None:
     t0, c0 = time.time(), time.process_time()
     results, kept = evaluate(editor, mine, settings, log=print, keep_images=9 if i == 0 else 0)
     if kept and not args.no_write:
-        examples_grid(kept, mine).save(args.examples)
+        save_png(examples_grid(kept, mine), args.examples)
         print(f"wrote {args.examples}")
     if args.save:
-        args.save.write_text(json.dumps({"results": results, "n": len(mine), "wall_minutes": (time.time() - t0) / 60,
-                                         "cpu_minutes": (time.process_time() - c0) / 60}))
+        write_text(args.save, json.dumps({"results": results, "n": len(mine),
+                                          "wall_minutes": (time.time() - t0) / 60,
+                                          "cpu_minutes": (time.process_time() - c0) / 60}))
         return None
     return write_report(results, settings, args, len(mine), time.process_time() - c0, "1 process")
 

@@ -149,7 +149,7 @@ def test_shipped_model_is_small_fp16_and_loads_through_load_checkpoint(editor):
 def test_txt2img_draws_the_asked_colours_and_shapes_above_chance(editor):
     """The shipped model follows its captions: colour and background almost always; the shape well above chance
     (1 in 4) but not always -- it is the model's weak point (squares come out round; weights/shapes/README.md).
-    Measured on these 16 samples: colour and background 16/16, shape 8/16."""
+    Measured on these 16 samples: colour and background 16/16, shape 7/16 (at the bar; 26/48 over seeds 0-11)."""
     prompts = [("circle", "red", "blue"), ("square", "yellow", "black"), ("triangle", "white", "green"),
                ("star", "blue", "yellow")]
     shapes = colours = n = 0

@@ -57,7 +57,7 @@ from imagic.clip import build_text_encoder
 from imagic.config import ModelConfig, TextConfig, UNetConfig, VAEConfig
 from imagic.export import save_checkpoint
 from imagic.fileio import atomic_path, write_csv, write_json
-from imagic.images import make_grid
+from imagic.images import make_grid, save_png
 from imagic.rundir import plot_losses
 from imagic.schedule import NoiseSchedule
 from imagic.tokenizer import Tokenizer
@@ -460,7 +460,7 @@ def sample_grid(ckpt: Path, out: Path, seeds: Sequence[int] = (0, 1, 2)) -> Dict
                     hits[k] += v
                 hits["all"] += all(ok.values())
                 n += 1
-    make_grid(rows, row_labels=labels, col_labels=[f"seed {s}" for s in seeds]).save(out)
+    save_png(make_grid(rows, row_labels=labels, col_labels=[f"seed {s}" for s in seeds]), out)
     return {k: v / n for k, v in hits.items()}
 
 
@@ -488,7 +488,7 @@ EXAMPLE = S.Scene("circle", "red", "blue", cx=23.0, cy=38.0, size=11.0)  # off-c
 def write_example(out: Path) -> Path:
     """The demo's input image (`make demo`): a red circle on a blue background."""
     path = out / "example_red_circle.png"
-    S.render_pil(EXAMPLE).save(path)
+    save_png(S.render_pil(EXAMPLE), path)
     return path
 
 
@@ -500,7 +500,7 @@ def plot_curves(vae_rows: List[Dict[str, float]], unet_rows: List[Dict[str, floa
         # The objective, comparable across --timesteps (the plain MSE is over differently drawn t); with
         # --weight-floor the weights are floored, so compare such runs by the logged "mse" instead.
         curves["UNet + text: Min-SNR-weighted v MSE (per 50 steps)"] = [r["loss"] for r in unet_rows]
-    plot_losses(curves).save(path)
+    save_png(plot_losses(curves), path)
 
 
 def int_tuple(text: str) -> Tuple[int, ...]:
