@@ -35,7 +35,7 @@ test-slow: venv
 # imagic edit --ckpt v1-5-pruned-emaonly.safetensors --image photo.png --prompt "..." --out runs/photo
 # The settings of benchmarks/shapes_eval.py (its Settings class), where they are measured against the baselines.
 DEMO_SETTINGS := --embed-steps 100 --embed-lr 1e-2 --finetune full --finetune-steps 300 --finetune-lr 2e-4 \
-	--alpha 0 0.4 0.6 0.8 1.0 1.2 --seeds 0 1 --steps 25 --guidance-scale 5 --device cpu
+	--alpha 0 0.4 0.6 0.8 1.0 1.2 --seeds 0 1 --steps 25 --guidance-scale 5 --ddim-eta 0 --device cpu
 demo: $(VENV)/.runtime
 	rm -rf demo_out
 	$(PY) -m imagic.cli edit --ckpt weights/shapes/shapes.safetensors --image weights/shapes/example_red_circle.png \

@@ -187,8 +187,7 @@ def test_finetuned_model_at_alpha_0_reconstructs_the_input_better_than_at_alpha_
     image = Image.open(DEMO_INPUT).convert("RGB")
     source = S.analyze(image)
     run = editor.fit(image, DEMO_PROMPT, **settings.fit_kwargs(seed=0))
-    result = editor.sample(run, alpha=[0.0, 1.0], seeds=[0, 1], guidance_scale=settings.guidance_scale,
-                           steps=settings.steps, save=False)
+    result = editor.sample(run, alpha=[0.0, 1.0], seeds=[0, 1], save=False, **settings.sampling_kwargs())
     pixels = np.asarray(image, float)
     for seed in (0, 1):
         err = {a: float(((np.asarray(result.images[(seed, a)], float) - pixels) ** 2).mean()) for a in (0.0, 1.0)}
@@ -207,7 +206,7 @@ def test_make_demo_runs_the_eval_settings_on_the_tested_edit():
     assert f'--prompt "{DEMO_PROMPT}"' in makefile and f"--image {DEMO_INPUT.relative_to(ROOT)}" in makefile
     for flag, value in [("--embed-steps", s.embed_steps), ("--embed-lr", s.embed_lr), ("--finetune", s.finetune),
                         ("--finetune-steps", s.finetune_steps), ("--finetune-lr", s.finetune_lr),
-                        ("--steps", s.steps), ("--guidance-scale", s.guidance_scale)]:
+                        ("--steps", s.steps), ("--guidance-scale", s.guidance_scale), ("--ddim-eta", s.ddim_eta)]:
         given = makefile.split(f"{flag} ", 1)[1].split()[0]
         assert given == str(value) or float(given) == value, (flag, given, value)
 
