@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +36,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from imagic import shapes as S
+from imagic.fileio import write_text
+from imagic.images import save_png
+
+# Nothing is added to sys.path: the tests import this file, and a benchmarks/ folder on the path would shadow
+# installed packages (benchmarks/kernels.py hid the `kernels` package that transformers and diffusers look for).
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from imagic import shapes as S  # noqa: E402
-from imagic.fileio import write_text  # noqa: E402
-from imagic.images import save_png  # noqa: E402
-
 CKPT = ROOT / "weights" / "shapes" / "shapes.safetensors"
 EVAL_NAMESPACE = 1
 TUNE_NAMESPACE = 2
@@ -272,7 +271,7 @@ def write_report(results: Dict[str, List[Tuple[bool, bool, str]]], settings: Set
     ]
     header = ["method", "edit success", "identity kept", "both", "both: shape edits", "both: colour edits",
               "both: background edits"]
-    from common import markdown_table, write_table
+    from common import markdown_table, write_table  # run as a script: benchmarks/ is sys.path[0]
 
     if args.no_write:
         print(markdown_table(header, rows))

@@ -175,6 +175,21 @@ def _shapes_eval():
     return sys.modules["shapes_eval"]
 
 
+def test_importing_the_eval_leaves_sys_path_alone():
+    """Run in a fresh interpreter: importing benchmarks/shapes_eval.py must not put benchmarks/ on sys.path, where
+    benchmarks/kernels.py shadowed the `kernels` package that transformers looks for and broke every later diffusers
+    import in the same process (seen when the shapes tests ran before the diffusers ones)."""
+    import subprocess
+    path = str(ROOT / "benchmarks" / "shapes_eval.py")
+    code = ("import importlib.util, sys; before = list(sys.path); "
+            f"spec = importlib.util.spec_from_file_location('shapes_eval', {path!r}); "
+            "m = importlib.util.module_from_spec(spec); sys.modules['shapes_eval'] = m; spec.loader.exec_module(m); "
+            "assert sys.path == before, set(sys.path) - set(before); "
+            "k = importlib.util.find_spec('kernels'); assert k is None or 'benchmarks' not in str(k.origin), k.origin")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT / "tests")
+    assert result.returncode == 0, result.stderr
+
+
 @needs_model
 def test_finetuned_model_at_alpha_0_reconstructs_the_input_better_than_at_alpha_1(editor):
     """Issue 3, on a real trained model, with `make demo`'s input, prompt and settings: after stages 1 and 2,

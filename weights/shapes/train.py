@@ -347,8 +347,8 @@ def world_captions() -> List[str]:
 
 
 class CompactVocabulary:
-    """Trains only the token-embedding rows that the world's captions use (15 of CLIP's 49,408: start, end/padding, 13 words), and puts the
-    whole table back for saving.
+    """Trains only the token-embedding rows that the world's captions use (15 of CLIP's 49,408: start,
+    end/padding, 13 words), and puts the whole table back for saving.
 
     Exact: a row that never gets a gradient never moves under AdamW without weight decay (its moments stay 0, so
     its update is 0), nor under the EMA of an unchanged row, nor does it change the gradient-norm clip. So the
