@@ -2,7 +2,7 @@
 # The GPU checks and benchmarks in one short run, for a machine with an NVIDIA GPU:
 #   1. the kernel tests compiled on CUDA (the CPU suite runs them under the Triton interpreter), then the
 #      `gpu`-marked ones: bf16 and fp16 at SD1.5 / SD2 real shapes;
-#   2. benchmarks/kernels.py (bf16 and fp16), unet_step.py and imagic_step.py on CUDA in bf16.
+#   2. benchmarks/kernel_ops.py (bf16 and fp16), unet_step.py and imagic_step.py on CUDA in bf16.
 # Results: tables in benchmarks/results/ and a copy plus the log under $OUT (default benchmarks/results/gpu).
 #
 # Needs torch, triton, einops, pillow, safetensors, pyyaml, tqdm, and for the comparisons diffusers + open_clip_torch
@@ -32,8 +32,8 @@ run() {  # run one step, keep going on failure, log everything
     2>&1 | tee -a "$LOG"
 run python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels.py
 run python3 -m pytest -q -p no:cacheprovider tests/test_unet.py tests/test_editor.py -x
-run python3 benchmarks/kernels.py --dtype bf16
-run python3 benchmarks/kernels.py --dtype fp16
+run python3 benchmarks/kernel_ops.py --dtype bf16
+run python3 benchmarks/kernel_ops.py --dtype fp16
 run python3 benchmarks/unet_step.py --device cuda --dtype bf16 --sizes 64 --repeats 5
 run python3 benchmarks/imagic_step.py --device cuda --dtype bf16
 cp benchmarks/results/kernels_*.md benchmarks/results/unet_step_cuda*.md benchmarks/results/imagic_step_cuda*.md \

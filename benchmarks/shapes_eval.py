@@ -40,8 +40,8 @@ from imagic import shapes as S
 from imagic.fileio import write_text
 from imagic.images import save_png
 
-# Nothing is added to sys.path: the tests import this file, and a benchmarks/ folder on the path would shadow
-# installed packages (benchmarks/kernels.py hid the `kernels` package that transformers and diffusers look for).
+# Nothing is added to sys.path: the tests import this file, and benchmarks/ on their path would let its scripts
+# shadow installed packages (the kernel benchmark, then named kernels.py, hid the `kernels` package transformers loads).
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "weights" / "shapes" / "shapes.safetensors"
 EVAL_NAMESPACE = 1

@@ -34,6 +34,26 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}  # bf16 r
 needs_triton = pytest.mark.skipif(not dispatch.triton_available(), reason="Triton is not installed")
 
 
+def test_installed_packages_come_before_the_repository_root():
+    """tests/conftest.py searches the repository root after site-packages: otherwise its kernels/ folder stands in
+    for the `kernels` distribution that transformers >= 5.25 imports, and every diffusers/transformers reference
+    test fails (they did, on a fresh venv)."""
+    import importlib.metadata
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    site_packages = Path(torch.__file__).resolve().parents[1]
+    entries = [Path(p or ".").resolve() for p in sys.path]
+    assert site_packages in entries
+    assert all(i > entries.index(site_packages) for i, e in enumerate(entries) if e == root), sys.path
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return  # nothing installed to shadow (transformers < 5.25); the order above is what matters
+    assert not Path(importlib.util.find_spec("kernels").origin).is_relative_to(root)
+
+
 def test_interpreter_ready():
     """Without CUDA the kernel tests need Triton imported under TRITON_INTERPRET=1 (see kernels/dispatch.py)."""
     if DEVICE == "cuda" or not dispatch.triton_available():

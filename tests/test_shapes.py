@@ -177,8 +177,9 @@ def _shapes_eval():
 
 def test_importing_the_eval_leaves_sys_path_alone():
     """Run in a fresh interpreter: importing benchmarks/shapes_eval.py must not put benchmarks/ on sys.path, where
-    benchmarks/kernels.py shadowed the `kernels` package that transformers looks for and broke every later diffusers
-    import in the same process (seen when the shapes tests ran before the diffusers ones)."""
+    the kernel benchmark (then benchmarks/kernels.py) shadowed the `kernels` package that transformers imports and
+    broke every later diffusers import in the same process (seen when the shapes tests ran before the diffusers
+    ones). No module there may be named `kernels`."""
     import subprocess
     path = str(ROOT / "benchmarks" / "shapes_eval.py")
     code = ("import importlib.util, sys; before = list(sys.path); "

@@ -1,6 +1,6 @@
 """Kernel benchmark: the Triton ops against torch on Stable Diffusion's real shapes, forward and forward+backward.
 
-    python benchmarks/kernels.py [--dtype fp16|bf16] [--batch 2] [--only attention,group_norm,layer_norm,geglu]
+    python benchmarks/kernel_ops.py [--dtype fp16|bf16] [--batch 2] [--only attention,group_norm,layer_norm,geglu]
 
 Shapes are SD at 512x512 (64x64 latent) with batch 2 (classifier-free guidance): SD1.x attention with 8 heads
 of dim 40/80/160 at 4096/1024/256/64 tokens, cross-attention over 77 text tokens, SD2.x heads of dim 64
@@ -220,10 +220,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--only", default="attention,group_norm,layer_norm,geglu", help="comma-separated subset")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no CUDA device here; the kernel benchmark needs a GPU. Nothing to do.")
+        print("benchmarks/kernel_ops.py: no CUDA device here; the kernel benchmark needs a GPU. Nothing to do.")
         return 0
     if not kernels.triton_available():
-        print("benchmarks/kernels.py: Triton is not installed; nothing to compare. `pip install triton`.")
+        print("benchmarks/kernel_ops.py: Triton is not installed; nothing to compare. `pip install triton`.")
         return 0
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     only = set(args.only.split(","))
