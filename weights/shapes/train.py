@@ -211,8 +211,8 @@ def train_loop(name: str, opt: torch.optim.Optimizer, loss_fn: Callable[[int], D
 
 def adamw(params: List[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """No weight decay: an unused token embedding must not shrink (and `CompactVocabulary` is exact only
-    without it). Fused: one kernel for the
-    few hundred tensors, about 3x faster than the for-each version on a CPU (imagic.training.make_adam)."""
+    without it). Fused: one kernel for the few hundred tensors, about 3x faster than the for-each version on a
+    CPU (imagic.training.make_adam)."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
 
 
@@ -606,10 +606,11 @@ def vae_settings(args: argparse.Namespace) -> Dict[str, str]:
 
 
 def vae_done(vae_file: Path, args: argparse.Namespace, group: Group) -> bool:
+    """Whether --work already holds the autoencoder these arguments would train."""
     if not vae_file.exists() or torch.load(vae_file, weights_only=True).get("settings") != vae_settings(args):
         return False
     if group.main:
-            print(f"reusing the autoencoder in {vae_file} (trained with the same settings)", flush=True)
+        print(f"reusing the autoencoder in {vae_file} (trained with the same settings)", flush=True)
     return True
 
 
