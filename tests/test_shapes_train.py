@@ -181,19 +181,22 @@ def test_a_weight_floor_raises_only_the_weights_below_it():
 
 
 def test_a_short_context_fixed_heads_and_an_f8_latent_round_trip_through_the_loader(tmp_path):
-    """`--context-length 16 --head-channels 16 --vae-ch-mult 1,2,2,2 --latent-channels 16`: the saved file says so
-    (positional embedding rows, latent depth, yaml), loads through load_checkpoint with the same shapes, its
-    tokenizer pads every prompt to 16 tokens, and the autoencoder maps 64x64 images to 8x8x16 latents and back."""
+    """`--context-length 16 --head-channels 16 --vae-ch-mult 1,2,2,2 --latent-channels 16 --unet-ch-mult 1,2,2`:
+    the saved file says so (positional embedding rows, latent depth, UNet widths, yaml), loads through
+    load_checkpoint with the same shapes, its tokenizer pads every prompt to 16 tokens, and the autoencoder maps
+    64x64 images to 8x8x16 latents and back."""
     from imagic.loader import load_checkpoint
     from imagic.export import save_checkpoint
     from imagic.clip import build_text_encoder
 
     train = load_train()
-    cfg = train.model_config(head_channels=16, context_length=16, vae_ch_mult=(1, 2, 2, 2), latent_channels=16)
+    cfg = train.model_config(head_channels=16, context_length=16, vae_ch_mult=(1, 2, 2, 2), latent_channels=16,
+                             unet_ch_mult=(1, 2, 2))
     torch.manual_seed(0)
     unet, vae, text = train.UNetModel(cfg.unet), train.AutoencoderKL(cfg.vae), build_text_encoder(cfg.text)
     model = load_checkpoint(save_checkpoint(tmp_path / "m.safetensors", unet, vae, text, cfg))
     assert model.config.text.context_length == 16 and model.config.unet.num_head_channels == 16
+    assert model.config.unet.channel_mult == (1, 2, 2)
     assert (model.config.latent_size, model.config.vae.downsample_factor, model.config.unet.in_channels) == (8, 8, 16)
     ids = model.tokenizer([train.S.caption("star", "yellow", "black")])
     assert ids.shape == (1, 16)
