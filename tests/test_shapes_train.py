@@ -287,3 +287,55 @@ def test_an_interrupted_run_reuses_only_an_autoencoder_trained_with_the_same_set
     assert train.vae_done(vae_file, argparse.Namespace(**{**vars(args), "unet_steps": 10}), group)
     assert not train.vae_done(vae_file, argparse.Namespace(**{**vars(args), "seed": 1}), group)
     assert not train.vae_done(vae_file, argparse.Namespace(**{**vars(args), "vae_ch_mult": (1, 2, 2, 2)}), group)
+
+
+def _workers_of(launcher: int) -> list:
+    """Pids of the mp.spawn workers whose parent is `launcher` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == launcher and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for a parent that no longer reaps it."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the process table from /proc")
+def test_workers_exit_when_their_launcher_is_killed(tmp_path):
+    """`exit_with`: a SIGKILLed `train.py` leaves no worker behind to go on training and saving into --work."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    launcher = subprocess.Popen([sys.executable, str(TRAIN_PY), "--work", str(tmp_path), "--out", str(tmp_path / "out"),
+                                 "--stage", "vae", "--vae-steps", "100000"], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and time.monotonic() < deadline and launcher.poll() is None:
+            time.sleep(0.2)
+            workers = _workers_of(launcher.pid)
+        assert len(workers) == 2, f"the launcher started {workers} (exit status {launcher.poll()})"
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 30
+        while any(map(_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in workers if _running(p)], "workers outlived their launcher"
+    finally:
+        launcher.kill()
+        for pid in filter(_running, workers):
+            os.kill(pid, signal.SIGKILL)

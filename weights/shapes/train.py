@@ -42,6 +42,8 @@ import argparse
 import copy
 import json
 import math
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -559,21 +561,35 @@ def main() -> None:
         return
     store = args.work / "dist_store"  # gloo's rendezvous; a stale one from a killed run would hang the next
     store.unlink(missing_ok=True)
-    mp.spawn(run, args=(args,), nprocs=args.procs)
+    mp.spawn(run, args=(args, os.getpid()), nprocs=args.procs)
 
 
-def run(rank: int, args: argparse.Namespace) -> None:
+def run(rank: int, args: argparse.Namespace, launcher: Optional[int] = None) -> None:
     """One data-parallel worker; rank 0 writes every output."""
     torch.set_num_threads(args.threads)
     if args.procs == 1:
         train(args, Group())
         return
+    exit_with(launcher)
     dist.init_process_group("gloo", init_method=(args.work / "dist_store").resolve().as_uri(), rank=rank,
                             world_size=args.procs)
     try:
         train(args, Group(rank, args.procs))
     finally:
         dist.destroy_process_group()
+
+
+def exit_with(launcher: Optional[int], every: float = 1.0) -> None:
+    """Ends this worker as soon as its launching process is gone. `mp.spawn` workers outlive a launcher killed by a
+    signal (SIGTERM or SIGKILL skip its clean-up), and would go on training and saving into `--work`, racing the run
+    that resumes there. Every file is written atomically, so exiting at any point leaves the last saved state whole."""
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(every)
+        os._exit(1)
+
+    if launcher is not None:
+        threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
 
 
 def train(args: argparse.Namespace, group: Group) -> None:
