@@ -209,6 +209,25 @@ def test_a_short_context_fixed_heads_and_an_f8_latent_round_trip_through_the_loa
     torch.testing.assert_close(model.unet(z, t, model.text_encoder(ids)), unet.eval()(z, t, text(ids)))
 
 
+def test_the_default_recipe_is_the_one_that_made_the_shipped_file():
+    """`python weights/shapes/train.py` with no flags reproduces the shipped file: its architecture is the one
+    load_checkpoint reads from the shipped yaml, and every setting equals what the shipped run recorded in
+    train_summary.json (where the output folders were the run's own)."""
+    import json
+    from imagic.config import from_ldm_yaml
+
+    train = load_train()
+    defaults = train.parser().parse_args([])
+    built, shipped = train.args_config(defaults), from_ldm_yaml(TRAIN_PY.parent / "shapes.yaml")
+    assert (built.unet, built.vae, built.text) == (shipped.unet, shipped.vae, shipped.text)
+    assert (built.prediction_type, built.linear_end) == (shipped.prediction_type, shipped.linear_end)
+    recorded = json.loads((TRAIN_PY.parent / "train_summary.json").read_text())["args"]
+    default_args = {k: str(v) for k, v in vars(defaults).items()}
+    for run_specific in ("out", "work"):
+        recorded.pop(run_specific), default_args.pop(run_specific)
+    assert default_args == recorded
+
+
 @pytest.mark.parametrize("kind", ["openai", "openclip"])
 def test_a_compact_vocabulary_trains_what_the_full_table_trains(kind):
     """`CompactVocabulary` against the reference, training the whole 49,408-row token table: the same AdamW steps

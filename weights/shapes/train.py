@@ -19,18 +19,19 @@ CLIP vocabulary and tokenizer. Two stages, as LDM trains them (Rombach et al. 20
    every time a scene is used): the encoder would otherwise cost as much as the UNet step.
 
 Data parallel over `--procs` processes of `--threads` torch threads each (default 2 x 1, one per core of a
-2-core machine: a UNet step of batch 32 took 1.53 s in one process, 0.91 s in two on half batches; a second intra-op
-thread helps this tiny model less). The gradients are averaged across processes (one all-reduce of all of them per
+2-core machine: a UNet step of batch 32 of the 4-head model shipped until stop 23 took 1.53 s in one process, 0.91 s
+in two on half batches; a second intra-op thread helps this tiny model less). The gradients are averaged across processes (one all-reduce of all of them per
 step, gloo, over a file store in --work), so every process holds the same weights; the batch is the global one,
-split. Rank 0 draws the random streams a single process draws, so `--procs 1` is the run that made the shipped file
-(up to the fused optimiser's rounding).
+split. Rank 0 draws the random streams a single process draws, so `--procs 1` trains the same model in about twice
+the time (up to rounding: the fused optimiser, the all-reduce's order of sums).
 
 Everything is seeded; training scenes come from namespace 0 of `imagic.shapes.scene_for_seed` (evaluation uses
 other namespaces). Writes shapes.safetensors + shapes.yaml (fp16), curves (CSV, PNG), a txt2img sample grid and
 train_summary.json into --out; intermediate state goes to --work.
 
     python weights/shapes/train.py                 # the shipped recipe, two data-parallel processes
-    python weights/shapes/train.py --procs 1       # one process, as the shipped file was trained
+    python weights/shapes/train.py --procs 1       # the same in one process
+    python weights/shapes/train.py --head-channels -1 --unet-ch-mult 1,2,4   # the model shipped until stop 23
     python weights/shapes/train.py --stage unet    # reuse the VAE from --work
 
 Interrupted, the same command resumes: the autoencoder is reused when --work holds one trained with the same
@@ -70,29 +71,28 @@ HERE = Path(__file__).resolve().parent
 
 
 def model_config(prediction: str = "v", linear_end: float = 0.02,
-                 attention_resolutions: Tuple[int, ...] = (1, 2, 4), head_channels: int = -1,
+                 attention_resolutions: Tuple[int, ...] = (1, 2, 4), head_channels: int = 32,
                  context_length: int = 77, vae_ch_mult: Tuple[int, ...] = (1, 2, 2),
-                 latent_channels: int = 4, unet_ch_mult: Tuple[int, ...] = (1, 2, 4)) -> ModelConfig:
-    """The shipped architecture: ~17 MB in fp16, half of it the CLIP token embedding (49408 x 64).
+                 latent_channels: int = 4, unet_ch_mult: Tuple[int, ...] = (1, 1, 4)) -> ModelConfig:
+    """The shipped architecture: ~16 MB in fp16, 40% of it the CLIP token embedding (49408 x 64).
 
-    Two departures from SD 1.x, both measured on this world (weights/shapes/README.md): the schedule ends at 0.02,
-    not 0.012, because a 16x16 latent keeps more signal at t = 999 than a 64x64 one does under the same schedule
-    (Hoogeboom et al. 2023, "simple diffusion", Sec. 3: smaller images need more noise), so sampling from pure
-    noise started off the training distribution; and cross-attention at every level including the full 16x16
-    latent, where a 64x64 shape spans only a few latent pixels: without it, txt2img drew the asked shape no more
-    often than chance (colour and background were right). `head_channels` > 0 fixes the head size instead of
-    SD 1.x's 4 heads (SD 2.x's `num_head_channels`): 32 gives 1, 2, 4 heads at the three levels and a ~30% cheaper
-    CPU step (each head has its own 256 x 256 score matrix at 16x16: self-attention fwd+bwd of a half batch took
-    39-49 ms with 4 heads of 8 channels, 9 ms with one of 32). A 4000-step run with it drew the asked shape in 44%
-    of 96 samples (the shipped 4-head model: 48%), but failed three of the shipped model's tests
-    narrowly, so the shipped model keeps 4 heads (weights/shapes/README.md). `context_length` < 77 drops padding
-    positions (a caption is 9 tokens), but it costs shapes: the same run with 16 tokens drew 35%; the UNet's
-    16x16 cross-attention puts most of its weight on the end-of-text and padding positions, causal summaries of
-    the whole caption, 69 of them with 77 tokens and 8 with 16. `vae_ch_mult` (1, 2, 2, 2) makes the
-    autoencoder f = 8 (an 8x8 latent, a quarter of the UNet's positions) and `latent_channels` sets the latent's
-    depth (SD: 4). `unet_ch_mult` narrows a level: (1, 2, 2), the 4x4 level and middle block at 64 channels, kept
-    the shapes but drew backgrounds that follow the seed, not the caption; (1, 1, 4), the 8x8 level at 32, kept
-    both at a 15-20% cheaper step and passed the shipped model's tests (4000-step runs, weights/shapes/README.md)."""
+    Departures from SD 1.x, each measured on this world (weights/shapes/README.md):
+    - the schedule ends at 0.02, not 0.012: a 16x16 latent keeps more signal at t = 999 than a 64x64 one does under
+      the same schedule (Hoogeboom et al. 2023, "simple diffusion", Sec. 3: smaller images need more noise), so
+      sampling from pure noise started off the training distribution;
+    - cross-attention at every level including the full 16x16 latent, where a 64x64 shape spans only a few latent
+      pixels: without it, txt2img drew the asked shape no more often than chance (colour and background were right);
+    - heads of 32 channels (SD 2.x's `num_head_channels`; -1 gives SD 1.x's 4 heads at every level): one head at
+      16x16 has one 256 x 256 score matrix per image where four heads of 8 have four, so the CPU step is ~30%
+      cheaper (self-attention fwd+bwd of a half batch: 39-49 ms with 4 heads, 9 ms with one);
+    - UNet widths 32/32/128 (`unet_ch_mult` (1, 1, 4); SD's pattern is (1, 2, 4)): every level costs about the
+      same per convolution, so a narrow 8x8 level saves another 15-20% per step. It kept shapes, colours and
+      backgrounds; (1, 2, 2), a narrow 4x4 level and middle block, drew backgrounds that follow the seed.
+    The model shipped until stop 23 had 4 heads and widths 32/64/128 and took ~72 minutes to train; this one took
+    40.5. `context_length` < 77 drops padding positions (a caption is 9 tokens), but it cost shapes (35% vs
+    44% of 96 samples): the UNet's 16x16 cross-attention puts most of its weight on the end-of-text and padding
+    positions, causal summaries of the whole caption. `vae_ch_mult` (1, 2, 2, 2) makes the autoencoder f = 8 (an
+    8x8 latent) and `latent_channels` sets the latent's depth (SD: 4)."""
     return ModelConfig(
         family="custom", prediction_type=prediction, image_size=S.IMAGE_SIZE, linear_end=linear_end,  # type: ignore
         unet=UNetConfig(model_channels=32, channel_mult=unet_ch_mult, attention_resolutions=attention_resolutions,
@@ -511,7 +511,8 @@ def int_tuple(text: str) -> Tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The recipe's knobs; their defaults are the shipped file's settings (tests/test_shapes_train.py)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=HERE)
     p.add_argument("--work", type=Path, default=Path("runs/shapes_train"))
@@ -536,15 +537,17 @@ def main() -> None:
     p.add_argument("--offset-noise", type=float, default=0.0, help="std of a per-channel constant added to the noise")
     p.add_argument("--attention-resolutions", type=int_tuple, default=(1, 2, 4),
                    help="latent downsampling factors with cross-attention (1 = the full 16x16 latent)")
-    p.add_argument("--head-channels", type=int, default=-1,
-                   help="channels per attention head (-1: 4 heads at every level, as SD 1.x fixes their number)")
+    p.add_argument("--head-channels", type=int, default=32,
+                   help="channels per attention head (-1: 4 heads at every level, as SD 1.x fixes their number, "
+                        "the model shipped until stop 23)")
     p.add_argument("--context-length", type=int, default=77,
                    help="text tokens per prompt (SD's 77; every shapes caption is 9 with start and end)")
     p.add_argument("--vae-ch-mult", type=int_tuple, default=(1, 2, 2),
                    help="autoencoder channel multipliers; one downsampling per entry after the first (f = 4)")
     p.add_argument("--latent-channels", type=int, default=4, help="channels of the latent (SD: 4)")
-    p.add_argument("--unet-ch-mult", type=int_tuple, default=(1, 2, 4),
-                   help="UNet channel multipliers of model_channels 32, one per level (16x16, 8x8, 4x4)")
+    p.add_argument("--unet-ch-mult", type=int_tuple, default=(1, 1, 4),
+                   help="UNet channel multipliers of model_channels 32, one per level (16x16, 8x8, 4x4; "
+                        "SD's pattern 1,2,4 is the model shipped until stop 23)")
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
     p.add_argument("--weight-floor", type=float, default=0.0,
                    help="lowest loss weight of any timestep (0: plain Min-SNR, the shipped run)")
@@ -554,7 +557,17 @@ def main() -> None:
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the UNet and text encoder weights")
     p.add_argument("--snapshot-every", type=int, default=1000, help="UNet steps between snapshots in --work")
     p.add_argument("--save-every", type=int, default=250, help="UNet steps between resumable states in --work")
-    args = p.parse_args()
+    return p
+
+
+def args_config(args: argparse.Namespace) -> ModelConfig:
+    """The architecture the arguments ask for."""
+    return model_config(args.prediction, args.linear_end, args.attention_resolutions, args.head_channels,
+                        args.context_length, args.vae_ch_mult, args.latent_channels, args.unet_ch_mult)
+
+
+def main() -> None:
+    args = parser().parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.procs == 1:
@@ -595,8 +608,7 @@ def exit_with(launcher: Optional[int], every: float = 1.0) -> None:
 
 def train(args: argparse.Namespace, group: Group) -> None:
     """The stages `--stage` asks for: the autoencoder (saved to --work/vae.pt), then UNet + text on it."""
-    cfg = model_config(args.prediction, args.linear_end, args.attention_resolutions, args.head_channels,
-                       args.context_length, args.vae_ch_mult, args.latent_channels, args.unet_ch_mult)
+    cfg = args_config(args)
     vae_file = args.work / "vae.pt"
     if args.stage == "vae" or (args.stage == "all" and not vae_done(vae_file, args, group)):
         vae, scale, vae_rows = train_vae(cfg, args, Clock(), group)
