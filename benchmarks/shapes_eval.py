@@ -208,7 +208,7 @@ def examples_grid(kept: List[Dict[str, Image.Image]], edits: Sequence[Edit]) -> 
     methods = list(kept[0])
     return make_grid([[k[m].resize((96, 96), Image.NEAREST) for m in methods] for k in kept],
                      row_labels=[f"-> {e.kind}: {getattr(e.target, e.kind)}" for e in edits[:len(kept)]],
-                     col_labels=[m.replace("strength=", "s=").replace("alpha=", "a=") for m in methods])
+                     col_labels=[m.replace(" ", "\n", 1) for m in methods])  # "imagic\nalpha=0.8"
 
 
 def main() -> None:

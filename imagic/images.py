@@ -184,12 +184,28 @@ def _font(px: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+def _wrap(text: str, font: ImageFont.ImageFont, width: int) -> List[str]:
+    """Lines of `text` at most `width` pixels wide: breaks at each newline, then greedily between words (a word
+    wider than `width` gets a line of its own)."""
+    lines: List[str] = []
+    for paragraph in text.split("\n"):
+        start = len(lines)
+        for word in paragraph.split(" "):
+            joined = f"{lines[-1]} {word}" if len(lines) > start else word
+            if len(lines) > start and font.getbbox(joined)[2] <= width:
+                lines[-1] = joined
+            else:
+                lines.append(word)
+    return lines
+
+
 def make_grid(images: Sequence[Sequence[Image.Image]], row_labels: Optional[Sequence[Any]] = None,
               col_labels: Optional[Sequence[Any]] = None, gap: int = 2) -> Image.Image:
     """Paste `images[r][c]` into a rows x columns grid (the editor: rows = seeds, columns = alphas).
 
     Cells are as large as the largest image; `gap` pixels of white separate them. Labels (anything `str`
-    accepts) go to the left of each row and above each column, in PIL's built-in font scaled to the cell.
+    accepts) go to the left of each row and above each column, in PIL's built-in font scaled to the cell;
+    column labels break at newlines and wherever they would be wider than a cell.
     """
     rows = [list(r) for r in images]
     n_cols = len(rows[0]) if rows else 0
@@ -200,15 +216,20 @@ def make_grid(images: Sequence[Sequence[Image.Image]], row_labels: Optional[Sequ
     ch = max(im.height for r in rows for im in r)
     font, pad = _font(max(10, ch // 24)), 4
     left = max(font.getbbox(s)[2] for s in rl) + 2 * pad if rl else 0
-    top = max(font.getbbox(s)[3] for s in cl) + 2 * pad if cl else 0
+    # Column labels wrap to the cell width so that long ones do not run into their neighbours.
+    wrapped = [_wrap(s, font, cw) for s in cl]
+    line_h = font.getbbox("Ag")[3] + 2
+    heights = [(len(lines) - 1) * line_h + max(font.getbbox(s)[3] for s in lines) for lines in wrapped]
+    top = max(heights) + 2 * pad if cl else 0
     grid = Image.new("RGB", (left + n_cols * (cw + gap) - gap, top + len(rows) * (ch + gap) - gap), WHITE)
     draw = ImageDraw.Draw(grid)
     for r, row in enumerate(rows):
         for c, im in enumerate(row):
             grid.paste(_to_rgb(im), (left + c * (cw + gap), top + r * (ch + gap)))
-    for c, s in enumerate(cl):
-        x0, _, x1, _ = font.getbbox(s)
-        draw.text((left + c * (cw + gap) + (cw - x0 - x1) // 2, pad), s, fill="black", font=font)
+    for c, lines in enumerate(wrapped):
+        for i, s in enumerate(lines):
+            x0, _, x1, _ = font.getbbox(s)
+            draw.text((left + c * (cw + gap) + (cw - x0 - x1) // 2, pad + i * line_h), s, fill="black", font=font)
     for r, s in enumerate(rl):
         _, y0, _, y1 = font.getbbox(s)
         draw.text((pad, top + r * (ch + gap) + (ch - y0 - y1) // 2), s, fill="black", font=font)

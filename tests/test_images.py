@@ -276,6 +276,19 @@ def test_grid_geometry(rows, cols):
     assert only_cols.width == plain.width and only_cols.height > plain.height
 
 
+def test_long_column_labels_wrap_inside_their_column():
+    cells = [[Image.new("RGB", (96, 96), (255, 255, 255))] * 3]
+    short = make_grid(cells, col_labels=["a", "b", "c"], gap=0)
+    wrapped = make_grid(cells, col_labels=["a", "reference: target through the VAE", "c"], gap=0)
+    assert wrapped.width == short.width and wrapped.height > short.height + 10  # more than one line of text
+    ink = np.asarray(wrapped.convert("L"))[: wrapped.height - 96] < 128
+    cols_with_ink = np.flatnonzero(ink.any(axis=0))
+    middle = cols_with_ink[(cols_with_ink >= 96) & (cols_with_ink < 192)]
+    assert middle.size > 0 and not ink[:, 93:96].any() and not ink[:, 192:195].any()  # none spills over
+    two_lines = make_grid(cells, col_labels=["a", "imagic\nalpha=0.8", "c"], gap=0)
+    assert two_lines.size == wrapped.size  # an explicit newline breaks the line although the text would fit
+
+
 def test_grid_errors():
     im = Image.new("RGB", (4, 4))
     with pytest.raises(ValueError):
