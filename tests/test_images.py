@@ -286,7 +286,7 @@ def test_long_column_labels_wrap_inside_their_column():
     middle = cols_with_ink[(cols_with_ink >= 96) & (cols_with_ink < 192)]
     assert middle.size > 0 and not ink[:, 93:96].any() and not ink[:, 192:195].any()  # none spills over
     two_lines = make_grid(cells, col_labels=["a", "imagic\nalpha=0.8", "c"], gap=0)
-    assert two_lines.size == wrapped.size  # an explicit newline breaks the line although the text would fit
+    assert two_lines.height > short.height + 10  # an explicit newline breaks the line although the text would fit
 
 
 def test_grid_errors():
