@@ -277,7 +277,8 @@ def write_report(results: Dict[str, List[Tuple[bool, bool, str]]], settings: Set
         print(markdown_table(header, rows))
     else:
         title = "held-out edits" if args.namespace == EVAL_NAMESPACE else f"tuning edits (namespace {args.namespace})"
-        write_table(args.table, f"Imagic on the shipped shapes model: {title}", header, rows, notes)
+        model = "the shipped shapes model" if args.ckpt.resolve() == CKPT.resolve() else f"the shapes model {args.ckpt}"
+        write_table(args.table, f"Imagic on {model}: {title}", header, rows, notes)
 
 
 if __name__ == "__main__":
