@@ -189,13 +189,14 @@ def _wrap(text: str, font: ImageFont.ImageFont, width: int) -> List[str]:
     wider than `width` gets a line of its own)."""
     lines: List[str] = []
     for paragraph in text.split("\n"):
-        start = len(lines)
-        for word in paragraph.split(" "):
-            joined = f"{lines[-1]} {word}" if len(lines) > start else word
-            if len(lines) > start and font.getbbox(joined)[2] <= width:
-                lines[-1] = joined
+        line, *words = paragraph.split(" ")
+        for word in words:
+            if font.getbbox(f"{line} {word}")[2] <= width:
+                line = f"{line} {word}"
             else:
-                lines.append(word)
+                lines.append(line)
+                line = word
+        lines.append(line)
     return lines
 
 
@@ -216,7 +217,6 @@ def make_grid(images: Sequence[Sequence[Image.Image]], row_labels: Optional[Sequ
     ch = max(im.height for r in rows for im in r)
     font, pad = _font(max(10, ch // 24)), 4
     left = max(font.getbbox(s)[2] for s in rl) + 2 * pad if rl else 0
-    # Column labels wrap to the cell width so that long ones do not run into their neighbours.
     wrapped = [_wrap(s, font, cw) for s in cl]
     line_h = font.getbbox("Ag")[3] + 2
     heights = [(len(lines) - 1) * line_h + max(font.getbbox(s)[3] for s in lines) for lines in wrapped]
