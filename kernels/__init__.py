@@ -6,14 +6,15 @@ forces the reference side for A/B runs; `use_triton(True)` (or `IMAGIC_KERNELS=t
 which also runs on the CPU under `TRITON_INTERPRET=1` for tests. That variable must be set before anything
 imports Triton (see dispatch.py); `interpreter_ready()` checks it. Each op's Triton path has a backward pass.
 """
-from .dispatch import interpreter_ready, use_triton, triton_available, triton_enabled
+from .dispatch import failed_ops, reset_failures, triton_available, triton_enabled, use_triton
+from .launch import interpreter_ready
 from .attention import attention, attention_reference
 from .group_norm import group_norm, group_norm_reference
 from .layer_norm import layer_norm, layer_norm_reference
 from .geglu import geglu, geglu_reference
 
 __all__ = [
-    "use_triton", "triton_available", "triton_enabled", "interpreter_ready",
+    "use_triton", "triton_available", "triton_enabled", "interpreter_ready", "failed_ops", "reset_failures",
     "attention", "attention_reference",
     "group_norm", "group_norm_reference",
     "layer_norm", "layer_norm_reference",

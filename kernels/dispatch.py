@@ -1,12 +1,15 @@
-"""Whether to run the Triton kernels or the torch references, and how a Triton kernel is launched.
+"""Whether an op runs its Triton kernel or its torch reference, and what happens when the kernel fails.
 
-Default: Triton when it is importable and the tensors live on CUDA. The env var `IMAGIC_KERNELS`
-(`triton` | `torch` | `auto`) and the context manager `use_triton(...)` override that for A/B runs and
-for the CPU interpreter tests (`TRITON_INTERPRET=1`).
+Default: Triton when it is importable and the tensors live on a CUDA GPU that supports their dtype (bf16 needs
+sm_80). The env var `IMAGIC_KERNELS` (`triton` | `torch` | `auto`) and the context manager `use_triton(...)`
+override that for A/B runs and for the CPU interpreter tests (`TRITON_INTERPRET=1`).
 
-`triton_kernel` replaces `@triton.jit` in this package: the kernel is built at its first launch, so the
-modules import (and the torch paths work) without Triton, and one kernel can autotune on a GPU yet use a fixed
-configuration under the interpreter, where `@triton.autotune` fails (it needs a GPU driver to benchmark).
+A Triton kernel that fails to compile or launch on a user's GPU (an architecture Triton does not support, out of
+shared memory, a Triton/driver mismatch, no config that fits) must not end an edit: `with_fallback` catches
+the error, switches that op to its torch path for the rest of the process and warns once, naming the op, the GPU
+and the reason. The result is the torch path's, so it differs from the kernel's only by rounding. An out-of-memory
+error is not caught (the torch path needs the memory too), nor is anything under `use_triton(True, strict=True)`
+(or IMAGIC_KERNELS_STRICT=1), which the kernel tests and benchmarks use so that a broken kernel cannot hide.
 
 The interpreter is a process-wide choice: Triton reads TRITON_INTERPRET when it decorates a function, and it
 decorates its own library (`tl.sum`, `tl.zeros`, ... in triton/language/standard.py) when `triton` is first
@@ -17,12 +20,21 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+import warnings
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
+from .launch import gpu_arch, interpreting, is_recording
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
 _forced: Optional[bool] = None
+_strict: bool = False
+_failed: Dict[str, str] = {}  # op -> why its Triton path was switched off
 
 
 def triton_available() -> bool:
@@ -30,35 +42,39 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1, where Triton kernels run on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def interpreter_ready() -> bool:
-    """True when Triton was imported under TRITON_INTERPRET=1, so kernels really can run on the CPU (a flag set
-    after `import triton` leaves Triton's own library compiled-only, and kernels fail inside `tl.sum` & co)."""
-    if not (interpreting() and triton_available()):
-        return False
-    import triton.language.standard as standard
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(standard.zeros, InterpretedFunction)
-
-
 @contextlib.contextmanager
-def use_triton(enabled: Optional[bool]) -> Iterator[None]:
-    """Force Triton on (True), off (False), or back to automatic (None) inside the block."""
-    global _forced
-    previous, _forced = _forced, enabled
+def use_triton(enabled: Optional[bool], strict: bool = False) -> Iterator[None]:
+    """Force Triton on (True), off (False), or back to automatic (None) inside the block. `strict=True` lets a
+    failing kernel raise instead of falling back to the torch path."""
+    global _forced, _strict
+    previous = _forced, _strict
+    _forced, _strict = enabled, strict
     try:
         yield
     finally:
-        _forced = previous
+        _forced, _strict = previous
 
 
-def triton_enabled(*tensors: torch.Tensor) -> bool:
-    """Decide for one call: the forced setting, else the env var, else 'CUDA tensors and Triton present'."""
-    if not triton_available():
+def _strict_mode() -> bool:
+    return _strict or os.environ.get("IMAGIC_KERNELS_STRICT", "0") == "1"
+
+
+def failed_ops() -> Dict[str, str]:
+    """The ops whose Triton path failed in this process and now run on torch, with the reason."""
+    return dict(_failed)
+
+
+def reset_failures() -> None:
+    """Give every op's Triton path another chance (after a driver upgrade in a notebook, or between tests)."""
+    _failed.clear()
+
+
+def triton_enabled(op: str, *tensors: torch.Tensor) -> bool:
+    """Decide for one call of `op`: not if its kernel failed before; else the forced setting, else the env var,
+    else 'CUDA tensors, Triton present and the dtype supported by this GPU'."""
+    if is_recording():
+        return all(t.device.type == "meta" for t in tensors)
+    if not triton_available() or op in _failed:
         return False
     choice = _forced
     if choice is None:
@@ -69,82 +85,67 @@ def triton_enabled(*tensors: torch.Tensor) -> bool:
             choice = False
     if choice is False:
         return False
-    on_device = all(t.is_cuda for t in tensors) or (interpreting() and all(t.device.type == "cpu" for t in tensors))
-    if choice is True:
-        return on_device
-    return all(t.is_cuda for t in tensors)
+    if choice is True and interpreting() and all(t.device.type == "cpu" for t in tensors):
+        return True
+    if not all(t.is_cuda for t in tensors):
+        return False
+    arch = gpu_arch(tensors[0].device)
+    return all(arch.supports(t.dtype) for t in tensors)
 
 
-def cdiv(a: int, b: int) -> int:
-    """Ceiling division (number of blocks of size b covering a)."""
-    return -(-a // b)
+def _gpu_name(tensors: Sequence[torch.Tensor]) -> str:
+    cuda = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda]
+    if not cuda:
+        return "the CPU (Triton interpreter)"
+    arch = gpu_arch(cuda[0].device)
+    return f"{arch.name} (sm_{arch.sm})"
 
 
-def next_power_of_2(n: int) -> int:
-    """Smallest power of two >= n (tile sizes must be powers of two)."""
-    return 1 << max(n - 1, 0).bit_length()
+def disable(op: str, error: BaseException, tensors: Sequence[torch.Tensor] = ()) -> None:
+    """Switch `op` to its torch path for the rest of the process, with one warning that says why."""
+    if op in _failed:
+        return
+    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    _failed[op] = reason[:300]
+    message = (f"imagic.kernels: the Triton {op} kernel failed on {_gpu_name(tensors)} ({_failed[op]}); "
+               f"{op} runs on the torch path for the rest of this process")
+    logger.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def multiprocessor_count(device: torch.device) -> int:
-    """Number of SMs, used to size grids so that small problems still fill the GPU (a guess off CUDA)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+def with_fallback(op: str, tensors: Sequence[torch.Tensor], triton_fn: Callable[[], T],
+                  torch_fn: Callable[[], T]) -> T:
+    """triton_fn(), or, if it raises (see the module docstring), torch_fn() after `disable(op, ...)`."""
+    try:
+        return triton_fn()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 (any failure of the kernel path; the torch path is the spec)
+        if _strict_mode():
+            raise
+        disable(op, error, tensors)
+        return torch_fn()
 
 
-Config = Dict[str, Any]  # meta-parameters plus optional num_warps / num_stages, e.g. dict(BLOCK=1024, num_warps=4)
+def reference_vjp(reference: Callable[..., torch.Tensor], inputs: Sequence[Optional[torch.Tensor]],
+                  needs: Sequence[bool], grad_output: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+    """The gradients of `reference(*inputs)` for `grad_output`, by autograd: a Triton backward's fallback.
 
-
-class TritonKernel:
-    """A Triton kernel built at its first launch: `kernel(grid, *args, configs=[...], **meta)`.
-
-    On a GPU, `configs` (a sequence of Config dicts) are autotuned on the argument names in `key` (a single
-    config is used as is). Under the interpreter they are replaced by the fixed `interpret` config: small
-    tiles, so the CPU tests exercise several blocks and the ragged tails.
+    Returns one entry per input, None where `needs` is False (or the input is None).
     """
-
-    def __init__(self, fn: Callable, key: Sequence[str], interpret: Config):
-        self.fn = fn
-        self.key = list(key)
-        self.interpret = interpret
-        self._built: Dict[Any, Any] = {}
-
-    def __repr__(self) -> str:
-        return f"TritonKernel({self.fn.__name__})"
-
-    def _build(self, configs: Optional[Sequence[Config]]) -> Any:
-        cache_key = None if configs is None else repr(list(configs))
-        if cache_key not in self._built:
-            if interpreting() and not interpreter_ready():
-                raise RuntimeError("TRITON_INTERPRET=1 was set after `import triton`; set it before anything "
-                                   "imports Triton (see imagic.kernels.dispatch)")
-            import triton
-            kernel = triton.jit(self.fn)
-            if configs is not None:
-                tuned = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
-                                       num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 3))
-                         for c in configs]
-                kernel = triton.autotune(tuned, key=self.key)(kernel)
-            self._built[cache_key] = kernel
-        return self._built[cache_key]
-
-    def __call__(self, grid: Any, *args: Any, configs: Sequence[Config], **meta: Any) -> None:
-        if interpreting():
-            self._build(None)[grid](*args, **meta, **self.interpret)
-            return
-        # Triton launches on the current device, not the tensors' one (cuda:1 tensors while cuda:0 is current
-        # would be an illegal memory access).
-        device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        with torch.cuda.device(device):
-            if len(configs) == 1:
-                self._build(None)[grid](*args, **meta, **configs[0])
-            else:
-                self._build(configs)[grid](*args, **meta)
+    with torch.enable_grad():
+        leaves: List[Optional[torch.Tensor]] = [
+            None if t is None else t.detach().requires_grad_(bool(n) and t.is_floating_point())
+            for t, n in zip(inputs, needs)]
+        out = reference(*leaves)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_output) if wanted else ())
+    return tuple(next(grads) if t is not None and t.requires_grad else None for t in leaves)
 
 
-def triton_kernel(key: Sequence[str] = (), interpret: Optional[Config] = None) -> Callable[[Callable], TritonKernel]:
-    """Decorator used instead of `@triton.jit` (see the module docstring for why): `key` names the arguments
-    autotuning is keyed on, `interpret` the fixed meta-parameters used under the interpreter."""
-    def wrap(fn: Callable) -> TritonKernel:
-        return TritonKernel(fn, key, interpret or {})
-    return wrap
+def backward_with_fallback(op: str, triton_fn: Callable[[], Tuple[Optional[torch.Tensor], ...]],
+                           reference: Callable[..., torch.Tensor], inputs: Sequence[Optional[torch.Tensor]],
+                           needs: Sequence[bool], grad_output: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+    """A Triton backward, or the reference's gradients by autograd if it fails (and `op` is switched off)."""
+    tensors = [t for t in inputs if t is not None]
+    return with_fallback(op, tensors, triton_fn, lambda: reference_vjp(reference, inputs, needs, grad_output))

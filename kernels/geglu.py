@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import cdiv, triton_enabled, triton_kernel
+from .dispatch import backward_with_fallback, triton_enabled, with_fallback
+from .launch import cdiv, triton_kernel
 
 try:
     import triton.language as tl
@@ -84,11 +85,18 @@ class _GEGLU(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: torch.Tensor):
         (rows,) = ctx.saved_tensors
-        M, F_ = rows.shape[0], rows.shape[1] // 2
-        dy = dy.reshape(M, F_).contiguous()
-        dh = torch.empty_like(rows)
-        _geglu_backward(lambda meta: (M, cdiv(F_, meta["BLOCK"])), rows, dy, dh, F_, configs=_CONFIGS)
+        dy = dy.reshape(rows.shape[0], rows.shape[1] // 2)
+        (dh,) = backward_with_fallback("geglu", lambda: (_backward(dy, rows),), geglu_reference, (rows,), (True,), dy)
         return dh.view(ctx.shape)
+
+
+def _backward(dy: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """dh = [da, dgate] for rows of h."""
+    M, F_ = rows.shape[0], rows.shape[1] // 2
+    dy = dy.contiguous()
+    dh = torch.empty_like(rows)
+    _geglu_backward(lambda meta: (M, cdiv(F_, meta["BLOCK"])), rows, dy, dh, F_, configs=_CONFIGS)
+    return dh
 
 
 def supported(h: torch.Tensor) -> bool:
@@ -98,6 +106,6 @@ def supported(h: torch.Tensor) -> bool:
 
 def geglu(h: torch.Tensor) -> torch.Tensor:
     """a * gelu(gate) for h = [a, gate]: Triton on CUDA when supported, else the reference."""
-    if triton_enabled(h) and supported(h):
-        return _GEGLU.apply(h)
+    if triton_enabled("geglu", h) and supported(h):
+        return with_fallback("geglu", (h,), lambda: _GEGLU.apply(h), lambda: geglu_reference(h))
     return geglu_reference(h)

@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .dispatch import cdiv, next_power_of_2, triton_enabled, triton_kernel
+from .dispatch import backward_with_fallback, triton_enabled, with_fallback
+from .launch import cdiv, next_power_of_2, triton_kernel
 
 try:
     import triton.language as tl
@@ -186,30 +187,42 @@ class _GroupNorm(torch.autograd.Function):
         _gn_forward(lambda meta: (N * C, cdiv(HW, meta["BLOCK"])), x, y, w, b, mean, rstd,
                     C, HW, C // num_groups, configs=configs, SILU=silu)
         ctx.save_for_backward(x, w, b, mean, rstd)
-        ctx.shape = (N, C, HW, num_groups, silu, weight is not None, bias is not None)
+        ctx.shape = (N, C, HW, num_groups, silu, weight is not None, bias is not None, eps)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: torch.Tensor):
         x, w, b, mean, rstd = ctx.saved_tensors
-        N, C, HW, G, silu, has_weight, has_bias = ctx.shape
-        dy = dy.contiguous()
-        dw_part = torch.empty((N, C), device=x.device, dtype=torch.float32)
-        db_part = torch.empty_like(dw_part)
-        configs = _plane_config(HW)
-        _gn_bwd_sums((N * C,), x, dy, w, b, mean, rstd, dw_part, db_part, C, HW, C // G,
-                     configs=configs, SILU=silu)
-        # Group means of g = dz * w and of g * xhat, from the per-channel sums (tiny (N, C) tensors).
-        wf = w.float()
-        mean_g = (db_part * wf).view(N, G, -1).sum(-1).div_(C // G * HW).view(-1)
-        mean_gx = (dw_part * wf).view(N, G, -1).sum(-1).div_(C // G * HW).view(-1)
-        dx = torch.empty_like(x)
-        _gn_bwd_dx(lambda meta: (N * C, cdiv(HW, meta["BLOCK"])), x, dy, dx, w, b, mean, rstd, mean_g, mean_gx,
-                   C, HW, C // G, configs=configs, SILU=silu)
-        dweight = dw_part.sum(0).to(w.dtype) if has_weight and ctx.needs_input_grad[2] else None
-        dbias = db_part.sum(0).to(b.dtype) if has_bias and ctx.needs_input_grad[3] else None
+        N, C, HW, G, silu, has_weight, has_bias, eps = ctx.shape
+        needs = (ctx.needs_input_grad[0], has_weight and ctx.needs_input_grad[2], has_bias and ctx.needs_input_grad[3])
+        dx, dweight, dbias = backward_with_fallback(
+            "group_norm", lambda: _backward(dy, x, w, b, mean, rstd, G, silu, needs),
+            lambda x, w, b: group_norm_reference(x, G, w, b, eps, silu), (x, w, b), needs, dy)
         return dx, None, dweight, dbias, None, None
+
+
+def _backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, mean: torch.Tensor,
+              rstd: torch.Tensor, G: int, silu: bool, needs: tuple):
+    """dx, dweight, dbias (the latter two None where not needed) from the saved statistics."""
+    N, C = x.shape[:2]
+    HW = x[0, 0].numel()
+    dy = dy.contiguous()
+    dw_part = torch.empty((N, C), device=x.device, dtype=torch.float32)
+    db_part = torch.empty_like(dw_part)
+    configs = _plane_config(HW)
+    _gn_bwd_sums((N * C,), x, dy, w, b, mean, rstd, dw_part, db_part, C, HW, C // G,
+                 configs=configs, SILU=silu)
+    # Group means of g = dz * w and of g * xhat, from the per-channel sums (tiny (N, C) tensors).
+    wf = w.float()
+    mean_g = (db_part * wf).view(N, G, -1).sum(-1).div_(C // G * HW).view(-1)
+    mean_gx = (dw_part * wf).view(N, G, -1).sum(-1).div_(C // G * HW).view(-1)
+    dx = torch.empty_like(x)
+    _gn_bwd_dx(lambda meta: (N * C, cdiv(HW, meta["BLOCK"])), x, dy, dx, w, b, mean, rstd, mean_g, mean_gx,
+               C, HW, C // G, configs=configs, SILU=silu)
+    dweight = dw_part.sum(0).to(w.dtype) if needs[1] else None
+    dbias = db_part.sum(0).to(b.dtype) if needs[2] else None
+    return dx, dweight, dbias
 
 
 def supported(x: torch.Tensor, num_groups: int) -> bool:
@@ -221,6 +234,11 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
                eps: float = 1e-5, silu: bool = False) -> torch.Tensor:
     """GroupNorm (+ SiLU) in fp32, output in x's dtype: Triton on CUDA when supported, else the reference."""
     params = [t for t in (weight, bias) if t is not None]
-    if triton_enabled(x, *params) and supported(x, num_groups):
-        return _GroupNorm.apply(x, num_groups, weight, bias, eps, silu)
-    return group_norm_reference(x, num_groups, weight, bias, eps, silu)
+
+    def reference() -> torch.Tensor:
+        return group_norm_reference(x, num_groups, weight, bias, eps, silu)
+
+    if triton_enabled("group_norm", x, *params) and supported(x, num_groups):
+        return with_fallback("group_norm", (x, *params),
+                             lambda: _GroupNorm.apply(x, num_groups, weight, bias, eps, silu), reference)
+    return reference()

@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .dispatch import cdiv, interpreting, multiprocessor_count, next_power_of_2, triton_enabled, triton_kernel
+from .dispatch import backward_with_fallback, triton_enabled, with_fallback
+from .launch import cdiv, gpu_arch, interpreting, next_power_of_2, triton_kernel
 
 try:
     import triton.language as tl
@@ -107,30 +108,41 @@ class _LayerNorm(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         block_d = max(16, next_power_of_2(D))
         _ln_forward((M,), rows, y, w, b, mean, rstd, D, eps, configs=_row_config(block_d), BLOCK_D=block_d)
-        ctx.save_for_backward(rows, w, mean, rstd)
-        ctx.meta = (x.shape, b.dtype, weight is not None, bias is not None)
+        ctx.save_for_backward(rows, w, b, mean, rstd)
+        ctx.meta = (x.shape, weight is not None, bias is not None, eps)
         return y.view(x.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: torch.Tensor):
-        rows, w, mean, rstd = ctx.saved_tensors
-        shape, bias_dtype, has_weight, has_bias = ctx.meta
-        M, D = rows.shape
-        dy = dy.reshape(M, D).contiguous()
-        # Enough programs for ~4 per SM; under the interpreter a few rows each so several programs (and a
-        # ragged last run) are exercised.
-        per_program = 3 if interpreting() else max(1, cdiv(M, 4 * multiprocessor_count(rows.device)))
-        programs = cdiv(M, per_program)
-        dx = torch.empty_like(rows)
-        dw_part = torch.empty((programs, D), device=rows.device, dtype=torch.float32)
-        db_part = torch.empty_like(dw_part)
-        block_d = max(16, next_power_of_2(D))
-        _ln_backward((programs,), rows, dy, dx, w, mean, rstd, dw_part, db_part, M, D, per_program,
-                     configs=_row_config(block_d), BLOCK_D=block_d)
-        dweight = dw_part.sum(0).to(w.dtype) if has_weight and ctx.needs_input_grad[1] else None
-        dbias = db_part.sum(0).to(bias_dtype) if has_bias and ctx.needs_input_grad[2] else None
-        return dx.view(shape), dweight, dbias, None
+        rows, w, b, mean, rstd = ctx.saved_tensors
+        shape, has_weight, has_bias, eps = ctx.meta
+        needs = (ctx.needs_input_grad[0], has_weight and ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2])
+        dy = dy.reshape(rows.shape)
+        dx, dweight, dbias = backward_with_fallback(
+            "layer_norm", lambda: _backward(dy, rows, w, b, mean, rstd, needs),
+            lambda x, w, b: layer_norm_reference(x, w, b, eps), (rows, w, b), needs, dy)
+        return (None if dx is None else dx.view(shape)), dweight, dbias, None
+
+
+def _backward(dy: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor, mean: torch.Tensor,
+              rstd: torch.Tensor, needs: tuple):
+    """dx (as rows), dweight, dbias (None where not needed) from the saved statistics."""
+    M, D = rows.shape
+    dy = dy.contiguous()
+    # Enough programs for ~4 per SM; under the interpreter a few rows each so several programs (and a
+    # ragged last run) are exercised.
+    per_program = 3 if interpreting() else max(1, cdiv(M, 4 * gpu_arch(rows.device).multiprocessors))
+    programs = cdiv(M, per_program)
+    dx = torch.empty_like(rows)
+    dw_part = torch.empty((programs, D), device=rows.device, dtype=torch.float32)
+    db_part = torch.empty_like(dw_part)
+    block_d = max(16, next_power_of_2(D))
+    _ln_backward((programs,), rows, dy, dx, w, mean, rstd, dw_part, db_part, M, D, per_program,
+                 configs=_row_config(block_d), BLOCK_D=block_d)
+    dweight = dw_part.sum(0).to(w.dtype) if needs[1] else None
+    dbias = db_part.sum(0).to(b.dtype) if needs[2] else None
+    return dx, dweight, dbias
 
 
 def supported(x: torch.Tensor) -> bool:
@@ -142,6 +154,10 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim in fp32, output in x's dtype: Triton on CUDA when supported, else the reference."""
     params = [t for t in (weight, bias) if t is not None]
-    if triton_enabled(x, *params) and supported(x):
-        return _LayerNorm.apply(x, weight, bias, eps)
-    return layer_norm_reference(x, weight, bias, eps)
+
+    def reference() -> torch.Tensor:
+        return layer_norm_reference(x, weight, bias, eps)
+
+    if triton_enabled("layer_norm", x, *params) and supported(x):
+        return with_fallback("layer_norm", (x, *params), lambda: _LayerNorm.apply(x, weight, bias, eps), reference)
+    return reference()
