@@ -130,7 +130,7 @@ def sampling_step(unet: nn.Module, dtype: torch.dtype, precision: str, schedule:
 def with_kernels(fn: Callable[[], object], triton: Optional[bool]) -> Callable[[], object]:
     """fn run under `kernels.use_triton(triton)` (None: the automatic choice)."""
     def run() -> object:
-        with kernels.use_triton(triton):
+        with kernels.use_triton(triton, strict=bool(triton)):
             return fn()
     return run
 

@@ -100,7 +100,7 @@ def try_time(timer: Timer, build: Callable[[], Fn]) -> Optional[float]:
 
 def triton_op(op: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     def run(*args):
-        with kernels.use_triton(True):
+        with kernels.use_triton(True, strict=True):
             return op(*args)
     return run
 

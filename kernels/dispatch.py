@@ -72,8 +72,8 @@ def reset_failures() -> None:
 def triton_enabled(op: str, *tensors: torch.Tensor) -> bool:
     """Decide for one call of `op`: not if its kernel failed before; else the forced setting, else the env var,
     else 'CUDA tensors, Triton present and the dtype supported by this GPU'."""
-    if is_recording():
-        return all(t.device.type == "meta" for t in tensors)
+    if is_recording():  # launches are being listed for a target GPU (launch.recording): meta tensors only
+        return all(t.device.type == "meta" and gpu_arch(t.device).supports(t.dtype) for t in tensors)
     if not triton_available() or op in _failed:
         return False
     choice = _forced
@@ -105,7 +105,9 @@ def disable(op: str, error: BaseException, tensors: Sequence[torch.Tensor] = ())
     """Switch `op` to its torch path for the rest of the process, with one warning that says why."""
     if op in _failed:
         return
-    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    # Triton's CompilationError starts with the source position; its `error_message` says what went wrong.
+    text = str(getattr(error, "error_message", None) or error).strip()
+    reason = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
     _failed[op] = reason[:300]
     message = (f"imagic.kernels: the Triton {op} kernel failed on {_gpu_name(tensors)} ({_failed[op]}); "
                f"{op} runs on the torch path for the rest of this process")

@@ -34,24 +34,40 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}  # bf16 r
 needs_triton = pytest.mark.skipif(not dispatch.triton_available(), reason="Triton is not installed")
 
 
-def test_installed_packages_come_before_the_repository_root():
-    """tests/conftest.py searches the repository root after site-packages: otherwise its kernels/ folder stands in
-    for the `kernels` distribution that transformers >= 5.25 imports, and every diffusers/transformers reference
-    test fails (they did, on a fresh venv)."""
-    import importlib.metadata
-    import importlib.util
+SHADOW_CHECK = r"""
+import importlib.metadata, pathlib, sys
+root = pathlib.Path.cwd().resolve()
+try:
+    importlib.metadata.version("kernels")
+    installed = True
+except importlib.metadata.PackageNotFoundError:
+    installed = False
+try:
+    import kernels
+    where = pathlib.Path(kernels.__file__).resolve()
+    assert installed and where.parent != root / "kernels", where
+except ModuleNotFoundError:
+    assert not installed
+import imagic.kernels
+assert imagic.kernels.attention is not None and pathlib.Path(imagic.kernels.__file__).parent == root / "kernels"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("code", ["from diffusers import UNet2DConditionModel; print('ok')",
+                                  "from transformers import CLIPTextModel; print('ok')", SHADOW_CHECK],
+                         ids=["diffusers", "transformers", "import-kernels"])
+def test_the_repository_root_does_not_shadow_installed_packages(code):
+    """Python started in the repository root (as for a notebook there) finds its kernels/ folder as a top-level
+    `kernels` first; it must hand over to the installed `kernels` distribution that transformers >= 5.25 imports
+    (kernels/_standin.py), or fail as if absent, while `imagic.kernels` keeps working."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    site_packages = Path(torch.__file__).resolve().parents[1]
-    entries = [Path(p or ".").resolve() for p in sys.path]
-    assert site_packages in entries
-    assert all(i > entries.index(site_packages) for i, e in enumerate(entries) if e == root), sys.path
-    try:
-        importlib.metadata.version("kernels")
-    except importlib.metadata.PackageNotFoundError:
-        return  # nothing installed to shadow (transformers < 5.25); the order above is what matters
-    assert Path(importlib.util.find_spec("kernels").origin).parent != root / "kernels"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
 def test_interpreter_ready():
