@@ -30,7 +30,7 @@ run() {  # run one step, keep going on failure, log everything
 
 { nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
     2>&1 | tee -a "$LOG"
-run python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels.py
+run python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels.py tests/test_kernel_fallback.py
 run python3 -m pytest -q -p no:cacheprovider tests/test_unet.py tests/test_editor.py -x
 run python3 benchmarks/kernel_ops.py --dtype bf16
 run python3 benchmarks/kernel_ops.py --dtype fp16

@@ -114,14 +114,19 @@ def _attn_fwd(Q, K, V, O, LSE,
 
 
 # ----------------------------------------------------------------------------------------- GPU configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates by padded head dim D0 + D1, autotuned per (Lq, Lk, D,
-# dtype) among those that fit the GPU (launch.py). Every one is spill-free on sm_80/86/89/90 at SD's shapes, as
-# benchmarks/kernel_compile.py checks; some need more shared memory than sm_86/89 have and are dropped there.
-# Wider heads need smaller tiles: the fp32 accumulators live in registers, the k/v stages in shared memory.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates by padded head dim D0 + D1 (48 for 40, 80, 160: SD1; 64:
+# SD2; 128 and 256 for other models), autotuned per (Lq, Lk, D, dtype) among those that fit the GPU (launch.py).
+# Chosen by benchmarks/attention_configs.py: every one compiles without spills and within 99 KB of shared memory
+# for sm_80, sm_86, sm_89 and sm_90 at 4096 x 4096 and 4096 x 77 (the log is in benchmarks/results/); the
+# two biggest tiles, then the best with BLOCK_N <= 32 for Lk = 77. Wider heads need smaller tiles: the fp32
+# accumulators live in registers. benchmarks/kernel_compile.py checks every launch the models make.
 
-_FWD = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-        128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
-        256: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]}
+_FWD = {48: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3)],
+        64: [(128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 3)],
+        80: [(128, 64, 8, 3), (64, 128, 4, 2), (128, 32, 4, 3)],
+        128: [(128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 2)],
+        160: [(64, 32, 4, 2), (64, 32, 8, 2), (64, 32, 4, 1)],
+        256: [(64, 64, 8, 1), (32, 128, 8, 1), (64, 32, 4, 2)]}
 
 
 # -------------------------------------------------------------------------------------------- launchers

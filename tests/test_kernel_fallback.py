@@ -21,6 +21,11 @@ from imagic.kernels import dispatch, launch
 from tests.helpers import rel_err
 
 pytestmark = pytest.mark.skipif(not dispatch.triton_available(), reason="Triton is not installed")
+# On a GPU machine the same tests run on CUDA tensors in fp16 (fp32 attention goes to SDPA there by design).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
+TOL = 2e-2 if DTYPE == torch.float16 else 1e-4  # the kernel tests' standards (tests/test_kernels.py)
+GPU_NAME = "the CPU (Triton interpreter)" if DEVICE == "cpu" else "(sm_"
 
 
 def _errors():
@@ -81,7 +86,7 @@ def _kernel_warnings(record):
 @pytest.mark.parametrize("kind", ["compile", "resources", "driver", "no-fit"])
 def test_each_op_falls_back_once_with_one_warning(failing, kind):
     attempts = failing(_errors()[kind])
-    x = torch.randn(2, 4, 3, 40)
+    x = torch.randn(2, 4, 3, 40, device=DEVICE, dtype=DTYPE)
     with kernels.use_triton(True), warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         first = {op: fn() for op, fn in _ops(x).items()}
@@ -94,16 +99,16 @@ def test_each_op_falls_back_once_with_one_warning(failing, kind):
     assert len(messages) == 4, messages  # one per op, none for the second round
     for op in refs:
         (m,) = [m for m in messages if f"Triton {op} kernel" in m]
-        assert "the CPU (Triton interpreter)" in m and EXPECTED_REASON[kind] in m and "torch path" in m
+        assert GPU_NAME in m and EXPECTED_REASON[kind] in m and "torch path" in m
     assert set(kernels.failed_ops()) == set(refs)
     assert len(attempts) == tried  # the second round did not even try the kernels
 
 
 def test_backward_only_failure_keeps_the_forward_and_gives_reference_gradients(failing):
-    if not kernels.interpreter_ready():
+    if DEVICE == "cpu" and not kernels.interpreter_ready():
         pytest.skip("the forward kernels must really run (Triton interpreter)")
     attempts = failing(_errors()["resources"], only=lambda name: "bwd" in name or "backward" in name)
-    q, k, v = (torch.randn(1, 2, 19, 40, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 19, 40, device=DEVICE, dtype=DTYPE, requires_grad=True) for _ in range(3))
     with kernels.use_triton(True), warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         out = kernels.attention(q, k, v)
@@ -112,14 +117,14 @@ def test_backward_only_failure_keeps_the_forward_and_gives_reference_gradients(f
     ref_in = [t.detach().requires_grad_(True) for t in (q, k, v)]
     ref = F.scaled_dot_product_attention(*ref_in)
     ref_grads = torch.autograd.grad(ref, ref_in, torch.ones_like(ref))
-    assert rel_err(out, ref) < 1e-4  # the Triton forward (fp32 dots), compared at the project's fp32 standard
+    assert rel_err(out, ref) < TOL  # the Triton forward against SDPA
     for a, b in zip(grads, ref_grads):
-        assert rel_err(a, b) < 1e-4
+        assert rel_err(a, b) < TOL
     assert len(_kernel_warnings(record)) == 1 and list(kernels.failed_ops()) == ["attention"]
 
 
 def test_out_of_memory_and_strict_mode_are_not_hidden(failing):
-    x = torch.randn(2, 4, 3, 40)
+    x = torch.randn(2, 4, 3, 40, device=DEVICE, dtype=DTYPE)
     failing(torch.OutOfMemoryError("CUDA out of memory"))
     with kernels.use_triton(True), pytest.raises(torch.OutOfMemoryError):
         kernels.layer_norm(x, None, None)  # the torch path needs the memory too: the user must see it
@@ -136,7 +141,7 @@ def test_an_edit_goes_on_when_every_kernel_fails(failing, tmp_path):
     from imagic.editor import Editor
     from tests.tiny import write_tiny_checkpoint
 
-    editor = Editor.from_checkpoint(write_tiny_checkpoint(tmp_path / "tiny.safetensors"), device="cpu",
+    editor = Editor.from_checkpoint(write_tiny_checkpoint(tmp_path / "tiny.safetensors"), device=DEVICE,
                                     progress=False)
     image = Image.new("RGB", (32, 32), (200, 30, 20))
     settings = dict(embed_steps=3, embed_lr=2e-2, finetune_steps=3, finetune_lr=1e-2)
@@ -153,7 +158,8 @@ def test_an_edit_goes_on_when_every_kernel_fails(failing, tmp_path):
         run, image_out = edit()
     assert {m.split("Triton ")[1].split(" kernel")[0] for m in _kernel_warnings(record)} <= {
         "attention", "group_norm", "layer_norm", "geglu"}
-    assert len(_kernel_warnings(record)) == len(kernels.failed_ops()) >= 3
+    # on a GPU the fp32 edit sends attention and GEGLU to torch before any kernel is tried
+    assert len(_kernel_warnings(record)) == len(kernels.failed_ops()) >= (3 if DEVICE == "cpu" else 1)
     assert rel_err(run.optimized_embedding, torch_run.optimized_embedding) < 1e-5
     assert (abs(torch.tensor(list(image_out.getdata()), dtype=torch.float)
                 - torch.tensor(list(torch_image.getdata()), dtype=torch.float)).max() <= 1)  # 8-bit rounding
