@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from benchmarks.cubin import bind, compile_for, problems
+from benchmarks.cubin import bind, problems
 from benchmarks.kernel_compile import compile_all
 from imagic.kernels import launch as L
 from imagic.kernels.attention import flash_forward

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .attention_backward import flash_backward
 from .attention_tiles import LOG2E, configs_for, head_split, precision, unit_stride
 from .dispatch import backward_with_fallback, triton_enabled, with_fallback
-from .launch import cdiv, interpreting, triton_kernel
+from .launch import cdiv, gpu_arch, interpreting, triton_kernel
 
 try:
     import triton.language as tl
@@ -169,8 +169,10 @@ class _FlashAttention(torch.autograd.Function):
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Shapes and dtypes the Triton path handles; anything else goes to torch SDPA."""
+    """Shapes, dtypes and GPUs the Triton path handles; anything else goes to torch SDPA."""
     dtypes = INTERPRETER_DTYPES if interpreting() and q.device.type == "cpu" else GPU_DTYPES
+    if q.is_cuda and not gpu_arch(q.device).tensor_core_dots:
+        return False
     return (q.dim() == 4 and k.dim() == 4 and v.shape == k.shape and q.shape[:2] == k.shape[:2]
             and q.shape[-1] == k.shape[-1] and 0 < q.shape[-1] <= MAX_HEAD_DIM
             and q.dtype == k.dtype == v.dtype and q.dtype in dtypes

@@ -74,6 +74,13 @@ class GpuArch:
         """bf16 arithmetic and bf16 tensor-core MMAs need sm_80 (Ampere) or newer."""
         return dtype != torch.bfloat16 or self.capability >= (8, 0)
 
+    @property
+    def tensor_core_dots(self) -> bool:
+        """Whether Triton lowers `tl.dot` to tensor-core MMAs here: from sm_80. For sm_75 triton 3.8 emits FMA
+        loops (a 64x64 fp16 dot compiles to 2048 `fma` and no `mma` in the PTX; benchmarks/results/kernel_compile.md:
+        every attention config spills there), so the attention kernels would lose to cuDNN/SDPA on a T4."""
+        return self.capability >= (8, 0)
+
 
 # The targets the compile check covers. Shared memory per block: CUDA C++ Programming Guide, "Technical
 # Specifications per Compute Capability" (64 KB on 7.5, 163 KB on 8.0, 99 KB on 8.6 and 8.9, 227 KB on 9.0);

@@ -88,6 +88,10 @@ out["fp32"] = problems(compile_for(fp32), L.TARGETS[86], True)
 good = bind(recorded(torch.float16), dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2), L.TARGETS[86],
             torch.bfloat16)
 out["good"] = problems(compile_for(good), L.TARGETS[86], True)
+# the same good config for a T4: Triton lowers tl.dot to FMA loops before sm_80
+t4 = bind(recorded(torch.float16), dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2), L.TARGETS[75],
+          torch.float16)
+out["t4"] = problems(compile_for(t4), L.TARGETS[75], True)
 print(json.dumps(out))
 """
 
@@ -101,3 +105,6 @@ def test_the_check_fails_on_broken_variants():
     assert any("shared memory" in p for p in found["big"]), found
     assert "no tensor-core instruction in a dot kernel" in found["fp32"], found
     assert found["good"] == [], found
+    # why attention.supported() sends a T4's attention to SDPA (GpuArch.tensor_core_dots)
+    assert "no tensor-core instruction in a dot kernel" in found["t4"], found
+    assert not launch.TARGETS[75].tensor_core_dots and launch.TARGETS[80].tensor_core_dots

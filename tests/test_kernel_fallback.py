@@ -222,3 +222,19 @@ def test_bf16_is_never_launched_before_sm80(cc, dtype, launched):
         kernels.layer_norm(x, None, None)
     assert bool(found) == launched
     assert not launch.TARGETS[75].supports(torch.bfloat16) and launch.TARGETS[86].supports(torch.bfloat16)
+
+
+@pytest.mark.parametrize("cc,expected", [(75, False), (80, True), (86, True), (90, True)])
+def test_attention_on_cuda_before_sm80_goes_to_sdpa(monkeypatch, cc, expected):
+    """Triton has no tensor-core dots before sm_80 (GpuArch.tensor_core_dots; proven by the T4 compile in
+    tests/test_kernel_compile.py), so a T4's attention is SDPA's without trying to compile and warning."""
+    import importlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    A = importlib.import_module("imagic.kernels.attention")  # the module; the package exports the function
+    monkeypatch.setattr(A, "gpu_arch", lambda device: launch.TARGETS[cc])
+    with FakeTensorMode():  # CUDA tensors without a GPU: only their metadata is read
+        q = torch.empty(2, 8, 64, 40, device="cuda", dtype=torch.float16)
+        assert q.is_cuda
+        assert A.supported(q, q, q) is expected
