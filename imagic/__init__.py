@@ -4,9 +4,11 @@
     run = editor.fit("dog.png", "a photo of a sitting dog", out="runs/dog")
     editor.sample(run, alpha=[0.9, 1.0, 1.1], seeds=[0, 1]).grid
 """
+from .assemble import StableDiffusion
 from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig, preset
-from .editor import Editor, FitSettings, Run, SampleResult
-from .loader import StableDiffusion, inspect_checkpoint, load_checkpoint
+from .editor import Editor, Run, SampleResult
+from .fitting import FitSettings
+from .loader import inspect_checkpoint, load_checkpoint
 from .schedule import NoiseSchedule
 
 __version__ = "0.1.0"

@@ -32,160 +32,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import datetime
 import functools
-import json
 import logging
 import os
-import re
 import sys
 import time
 import traceback
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from PIL import Image, ImageOps
-
-from .editor import FitSettings
-from .fileio import PathLike, read_json, write_csv, write_json, write_text
-from .images import ImageError, make_grid, open_image, save_png
+from .arguments import (EXIT_USER_ERROR, UserError, add_fit_args, add_model_args, add_sample_args, make_editor,
+                        parse_device, user_errors)
+from .batch_report import edit_state, mean_over_seeds, write_summary
+from .fitting import FitSettings
+from .fileio import PathLike, write_csv, write_json, write_text
+from .images import save_png
+from .manifest import BatchSettings, Edit, ManifestError, SampleSettings, read_manifest, shard
 from .metrics import EditMetrics, MetricsError, plot_tradeoff
 
 log = logging.getLogger(__name__)
 
-METRICS = ("psnr", "ssim", "clip_score", "lpips")
 BARRIER_TIMEOUT = datetime.timedelta(days=7)  # ranks that finish early wait at the barrier for the slowest one
 
 
-class ManifestError(ValueError):
-    """A manifest that cannot be read; the message names the file and the entry."""
-
-
-@dataclass
-class SampleSettings:
-    """Stage 3 settings of one edit (the arguments of `Editor.sample`)."""
-
-    alpha: List[float] = field(default_factory=lambda: [0.6, 0.7, 0.8, 0.9, 1.0])
-    seeds: List[int] = field(default_factory=lambda: [0])
-    guidance_scale: float = 7.5
-    steps: int = 50
-    ddim_eta: float = 0.0
-    negative_prompt: str = ""
-
-
-@dataclass
-class Edit:
-    """One manifest entry: what to edit, and the settings that differ from the command line's."""
-
-    index: int
-    image: Path
-    target_text: str
-    overrides: Dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        """A stable run directory name: the index (the manifest order) plus slugs a person can read."""
-        return f"{self.index:03d}-{_slug(self.image.stem, 24)}-{_slug(self.target_text, 40)}"
-
-
-def _slug(text: str, length: int) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length].strip("-") or "x"
-
-
-# --- manifests --------------------------------------------------------------------------------------------------
-
-def _setting_types() -> Dict[str, Any]:
-    """Every per-edit setting and its type, from the dataclasses that define them."""
-    return {**typing.get_type_hints(FitSettings), **typing.get_type_hints(SampleSettings)}
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """A manifest value (typed in JSON, a string in CSV) as the setting's type."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is typing.Union:  # Optional[X]
-        return None if value in (None, "") else _coerce(key, value, args[0])
-    if typing.get_origin(hint) in (list, List):
-        items = value if isinstance(value, list) else [value] if isinstance(value, (int, float)) else \
-            str(value).replace(",", " ").split()
-        return [_coerce(key, v, args[0]) for v in items]
-    if hint is int and isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"{value!r} is not an integer")
-    return hint(value)
-
-
-def _entries(path: Path) -> List[Dict[str, Any]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise ManifestError(f"{path}: not a UTF-8 text file") from None
-    try:
-        if path.suffix.lower() == ".csv":
-            return [dict(row) for row in csv.DictReader(text.splitlines())]
-        if path.suffix.lower() == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        if path.suffix.lower() == ".json":
-            doc = json.loads(text)
-            return doc if isinstance(doc, list) else [doc]
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: invalid JSON ({e})") from None
-    raise ManifestError(f"{path}: unknown manifest type (use .jsonl, .csv or a .json list)")
-
-
-def read_manifest(path: PathLike) -> List[Edit]:
-    """The edits of a manifest, validated up front so a typo fails before hours of work, not in the middle."""
-    path = Path(path)
-    types = _setting_types()
-    edits = []
-    for i, entry in enumerate(_entries(path)):
-        where = f"{path}: entry {i + 1}"
-        if not isinstance(entry, dict):
-            raise ManifestError(f"{where}: not an object")
-        entry = {k: v for k, v in entry.items() if v not in (None, "")}
-        if "img_name" in entry:  # TEdBench: input_list.json beside originals/
-            image = path.parent / "originals" / str(entry.pop("img_name"))
-        elif "image" in entry:
-            image = path.parent / str(entry.pop("image"))
-        else:
-            raise ManifestError(f"{where}: no image (an `image` path, or TEdBench's `img_name`)")
-        text = str(entry.pop("target_text", "")).strip()
-        if not text:
-            raise ManifestError(f"{where}: no target_text")
-        unknown = sorted(set(entry) - set(types))
-        if unknown:
-            raise ManifestError(f"{where}: unknown setting(s) {', '.join(unknown)}; per-edit settings are "
-                                f"{', '.join(sorted(types))}")
-        try:
-            overrides = {k: _coerce(k, v, types[k]) for k, v in entry.items()}
-        except (TypeError, ValueError) as e:
-            raise ManifestError(f"{where}: bad value ({e})") from None
-        edits.append(Edit(index=i, image=image, target_text=text, overrides=overrides))
-    if not edits:
-        raise ManifestError(f"{path}: no edits")
-    return edits
-
-
-def shard(n: int, rank: int, world_size: int) -> List[int]:
-    """The edits one process runs: static and deterministic, so a restart hands out the same work."""
-    return list(range(rank, n, world_size))
-
-
 # --- running ----------------------------------------------------------------------------------------------------
-
-@dataclass
-class BatchSettings:
-    """The command line's defaults for every edit, the metrics to compute and the contact sheet size."""
-
-    fit: Dict[str, Any]
-    sample: SampleSettings
-    metrics: EditMetrics = field(default_factory=EditMetrics)
-    thumb_size: int = 128
-
 
 def _split(edit: Edit, s: BatchSettings) -> Tuple[Dict[str, Any], SampleSettings]:
     fit_names = {f.name for f in dataclasses.fields(FitSettings)}
@@ -207,17 +79,12 @@ def run_edit(editor, edit: Edit, directory: Path, s: BatchSettings) -> Dict[str,
     write_csv(directory / "metrics.csv", names, [[r[k] for k in names] for r in rows])
     if "clip_score" in s.metrics.names and "lpips" in s.metrics.names:
         alphas = sorted({r["alpha"] for r in rows})
-        points = [(a, _mean(rows, a, "clip_score"), _mean(rows, a, "lpips")) for a in alphas]
+        points = [(a, mean_over_seeds(rows, a, "clip_score"), mean_over_seeds(rows, a, "lpips")) for a in alphas]
         save_png(plot_tradeoff(points, title=f"{edit.index}: {edit.target_text[:50]}"), directory / "tradeoff.png")
     return {"status": "done", "index": edit.index, "target_text": edit.target_text,
             "samples": {f"{seed}:{a:g}": str(directory / "samples" / f"seed{seed}_alpha{a:g}.png")
                         for seed, a in result.images},
             "grid": str(directory / "grid.png"), "metrics": rows, "seconds": round(time.time() - start, 1)}
-
-
-def _mean(rows: Sequence[Dict[str, Any]], alpha: float, key: str) -> float:
-    values = [r[key] for r in rows if r["alpha"] == alpha and key in r]
-    return sum(values) / len(values) if values else float("nan")
 
 
 def run_shard(get_editor: Callable[[], Any], edits: Sequence[Edit], out: PathLike, s: BatchSettings,
@@ -273,74 +140,6 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-# --- summary ----------------------------------------------------------------------------------------------------
-
-def _state(directory: Path) -> Tuple[str, Dict[str, Any], str]:
-    if (directory / "DONE").is_file():
-        return "done", read_json(directory / "DONE"), ""
-    if (directory / "FAILED").is_file():
-        return "failed", {}, (directory / "FAILED").read_text(encoding="utf-8").splitlines()[0]
-    return "pending", {}, ""
-
-
-def write_summary(edits: Sequence[Edit], out: PathLike, s: BatchSettings) -> Dict[str, Path]:
-    """summary.csv (one row per edit), metrics.csv (one row per sample) and contact_sheet.png, from the run
-    directories on disk (so edits finished by earlier invocations are included)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    states = [(edit, *_state(out / edit.name)) for edit in edits]
-    names = [m for m in METRICS if any(m in r for _, _, rec, _ in states for r in rec.get("metrics", []))]
-    summary, samples = [], []
-    for edit, status, record, error in states:
-        rows = record.get("metrics", [])
-        alphas = sorted({r["alpha"] for r in rows})
-        per_alpha = [" ".join(f"{a:g}:{_mean(rows, a, m):.4g}" for a in alphas) for m in names]
-        seed = {**s.fit, **edit.overrides}.get("seed", "")
-        summary.append([edit.index, str(edit.image), edit.target_text, seed, status, str(out / edit.name),
-                        record.get("grid", ""), error, *per_alpha])
-        samples += [[edit.index, str(edit.image), edit.target_text, r["seed"], r["alpha"],
-                     *[r.get(m, "") for m in names]] for r in rows]
-    paths = {"summary": out / "summary.csv", "metrics": out / "metrics.csv", "contact_sheet": out / "contact_sheet.png"}
-    write_csv(paths["summary"], ["index", "image", "target_text", "seed", "status", "run_dir", "grid", "error",
-                                 *[f"{m} (alpha:mean over seeds)" for m in names]], summary)
-    write_csv(paths["metrics"], ["index", "image", "target_text", "seed", "alpha", *names], samples)
-    save_png(contact_sheet(states, out, s.thumb_size), paths["contact_sheet"])
-    return paths
-
-
-def _thumb(path: Path, size: int) -> Image.Image:
-    try:
-        img = open_image(path)
-    except ImageError:
-        return Image.new("RGB", (size, size), (200, 200, 200))
-    img = ImageOps.contain(img, (size, size), Image.Resampling.LANCZOS)  # shrink or enlarge to the cell
-    canvas = Image.new("RGB", (size, size), "white")
-    canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
-    return canvas
-
-
-def contact_sheet(states: Sequence[Tuple[Edit, str, Dict[str, Any], str]], out: Path, size: int) -> Image.Image:
-    """One row per edit: the input (as encoded when there is a run, else the file), then every sample in
-    (seed, alpha) order; grey where an image is missing."""
-    rows, labels, keys = [], [], []
-    for edit, status, record, _ in states:
-        source = out / edit.name / "input.png"
-        row = [_thumb(source if source.is_file() else edit.image, size)]
-        ordered = sorted(record.get("samples", {}).items(), key=lambda kv: tuple(map(float, kv[0].split(":"))))
-        row += [_thumb(Path(p), size) for _, p in ordered]
-        keys.append([k for k, _ in ordered])
-        rows.append(row)
-        labels.append(f"{edit.index} {status}: {edit.target_text[:36]}")
-    width = max(len(r) for r in rows)
-    blank = Image.new("RGB", (size, size), "white")
-    rows = [r + [blank] * (width - len(r)) for r in rows]
-    same = [k for k in keys if k]
-    columns = None
-    if same and all(k == same[0] for k in same) and len(same[0]) == width - 1:
-        columns = ["input"] + [f"seed {k.split(':')[0]} a={k.split(':')[1]}" for k in same[0]]
-    return make_grid(rows, row_labels=labels, col_labels=columns)
-
-
 # --- distributed ------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -369,13 +168,11 @@ def barrier(world_size: int) -> None:
 # --- command line -----------------------------------------------------------------------------------------------
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    from .cli import _add_fit_args, _add_model_args, _add_sample_args
-
     p.add_argument("manifest", help="edits: .jsonl / .csv / .json list (e.g. TEdBench's input_list.json)")
     p.add_argument("--out", required=True, help="output folder: one run directory per edit, the summary")
-    _add_model_args(p)
-    _add_fit_args(p)
-    _add_sample_args(p)
+    add_model_args(p)
+    add_fit_args(p)
+    add_sample_args(p)
     m = p.add_argument_group("metrics (PSNR and SSIM against the input are always computed)")
     m.add_argument("--clip-weights", help="CLIP score: local open_clip checkpoint file or model folder")
     m.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture of a --clip-weights file")
@@ -398,9 +195,7 @@ def _device(args: argparse.Namespace, local_rank: int):
     """The process's device: under torchrun a bare "cuda" (or "auto" on a GPU machine) means cuda:LOCAL_RANK."""
     import torch
 
-    from .cli import _device as parse
-
-    dev = parse(args.device)
+    dev = parse_device(args.device)
     return torch.device("cuda", local_rank) if dev.type == "cuda" and dev.index is None else dev
 
 
@@ -420,8 +215,6 @@ def _metrics(args: argparse.Namespace, device, echo: Callable[[str], None]) -> E
 
 def cmd_batch(args: argparse.Namespace) -> int:
     """Returns 0 when every edit of the manifest is done, 1 when some failed (see summary.csv)."""
-    from .cli import UserError, _editor
-
     def echo(line: str) -> None:
         print(line, flush=True)
 
@@ -442,7 +235,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
         @functools.lru_cache(maxsize=None)
         def editor():  # `imagic edit`'s own loader, on this process's device
-            return _editor(argparse.Namespace(**{**vars(args), "device": str(device)}), args.ckpt)
+            return make_editor(argparse.Namespace(**{**vars(args), "device": str(device)}), args.ckpt)
 
         echo(f"[rank {rank}] {len(shard(len(edits), rank, world))} of {len(edits)} edits on {device}")
         run_shard(editor, edits, args.out, settings, rank, world, echo)
@@ -450,7 +243,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if rank != 0:
             return 0
         paths = write_summary(edits, args.out, settings)
-    states = [_state(Path(args.out) / e.name)[0] for e in edits]
+    states = [edit_state(Path(args.out) / e.name)[0] for e in edits]
     echo(f"{states.count('done')} done, {states.count('failed')} failed, {states.count('pending')} pending; "
          f"wrote {paths['summary']}, {paths['metrics']} and {paths['contact_sheet']}")
     return 0 if states.count("done") == len(edits) else 1
@@ -458,8 +251,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """`python -m imagic.batch ...`, the same as `imagic batch ...` (torchrun can launch either with `-m`)."""
-    from .cli import EXIT_USER_ERROR, _user_errors
-
     p = argparse.ArgumentParser(prog="imagic batch", description="many Imagic edits from a manifest")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     configure_parser(p)
@@ -467,7 +258,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return cmd_batch(args)
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"imagic: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
 

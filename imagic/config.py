@@ -8,16 +8,16 @@ public checkpoints (`preset("sd1")`, `preset("sd2")`, `preset("sd2-v")`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import reprlib
 import stat
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Tuple, Union
 
 import yaml
+
+from .config_check import ConfigError, validate
 
 Family = Literal["sd1", "sd2", "sd2-v", "custom"]
 PredictionType = Literal["epsilon", "v"]
@@ -170,10 +170,6 @@ def preset(name: str) -> ModelConfig:
     raise ValueError(f"unknown preset {name!r}; choose sd1, sd2 or sd2-v")
 
 
-class ConfigError(ValueError):
-    """An LDM yaml that does not describe a model we can build."""
-
-
 def _read_yaml(source: Union[str, Path]) -> Any:
     """yaml.safe_load of a file (never a constructor that runs code), refusing what is not a regular file."""
     try:
@@ -203,15 +199,6 @@ def from_ldm_yaml(source: Union[str, Path, Dict[str, Any]]) -> ModelConfig:
         what = f"missing {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
         raise ConfigError(f"not an LDM inference config: {what}") from None
     return validate(cfg)
-
-
-def validate(cfg: ModelConfig) -> ModelConfig:
-    """Return `cfg` if every field of it and of its parts has its annotated type and every size is a positive
-    integer; raise ConfigError otherwise. For configs made from data rather than code: yamls, the shapes of a
-    checkpoint's tensors, diffusers config.json files."""
-    for part in (cfg, cfg.unet, cfg.vae, cfg.text):
-        _check_fields(part)
-    return cfg
 
 
 def _from_ldm_doc(doc: Any) -> ModelConfig:
@@ -252,51 +239,6 @@ def _from_ldm_doc(doc: Any) -> ModelConfig:
         linear_start=float(params.get("linear_start", 0.00085)), linear_end=float(params.get("linear_end", 0.012)),
         unet=unet, vae=vae, text=text,
     )
-
-
-# Sizes that may be -1 ("unused": the other of num_heads / num_head_channels fixes the head size).
-_MAY_BE_UNSET = {"num_heads", "num_head_channels"}
-# Tuples of sizes that may be empty (no attention at any resolution).
-_MAY_BE_EMPTY = {"attention_resolutions", "attn_resolutions"}
-
-
-def _check_fields(obj: Any) -> None:
-    """Every field of a config dataclass has its annotated type, and every size is a positive integer.
-
-    A yaml is free text: `model_channels: "320"`, `ch_mult: 4` or `timesteps: .inf` parse fine, and would only
-    fail later, deep inside a model constructor, with a message that says nothing about the yaml.
-    """
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value, hint = getattr(obj, f.name), hints[f.name]
-        if not _has_type(value, hint, f.name):
-            raise ConfigError(f"{type(obj).__name__}.{f.name} = {reprlib.repr(value)} is not a valid "
-                              f"{_type_name(hint)}")
-
-
-def _has_type(value: Any, hint: Any, name: str) -> bool:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        return value in args
-    if origin is tuple:
-        return isinstance(value, tuple) and (len(value) > 0 or name in _MAY_BE_EMPTY) and \
-            all(_has_type(v, int, name) for v in value)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:  # bool is an int subclass: `channels: true` is not a size
-        return isinstance(value, int) and not isinstance(value, bool) and \
-            (value >= 1 or (value == -1 and name in _MAY_BE_UNSET))
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return isinstance(value, hint)
-
-
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is Literal:
-        return "choice: one of " + ", ".join(map(repr, typing.get_args(hint)))
-    if typing.get_origin(hint) is tuple:
-        return "tuple of positive integers"
-    return {int: "positive integer", float: "finite number", bool: "boolean"}.get(hint, getattr(hint, "__name__", ""))
 
 
 _UNET_YAML_KEYS = {f.name for f in dataclasses.fields(UNetConfig)}

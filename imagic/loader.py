@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -16,28 +15,13 @@ import torch
 from torch import nn
 
 from . import detect as D
+from .assemble import StableDiffusion, build, check_keys, meta_model
 from .checkpoint import CheckpointError, PathLike, StateDict, read_state_dict
 from .config import ConfigError, ModelConfig, describe, from_ldm_yaml
 
 log = logging.getLogger(__name__)
 
 ConfigLike = Union[None, str, Path, Dict[str, Any], ModelConfig]
-
-
-@dataclass
-class StableDiffusion:
-    """The parts of a loaded checkpoint. A part absent from the file is None (with a warning at load time)."""
-
-    unet: Optional[nn.Module]
-    vae: Optional[nn.Module]
-    text_encoder: Optional[nn.Module]
-    tokenizer: Any
-    config: ModelConfig
-    evidence: List[str] = field(default_factory=list)
-    path: Optional[Path] = None
-
-    def __repr__(self) -> str:
-        return f"StableDiffusion({describe(self.config)}, from {self.path})"
 
 
 def _resolve_config(path: Path, config: ConfigLike, evidence: List[str]) -> Optional[ModelConfig]:
@@ -89,61 +73,6 @@ def _ema_unet(sd: StateDict, path: Path) -> StateDict:
     return out
 
 
-def _check_keys(model: nn.Module, part: StateDict, name: str) -> None:
-    """Strict loading with a message that lists what is wrong (first few of each kind)."""
-    reference = model.state_dict()  # meta tensors: shapes and dtypes, no data
-    expected = {k: tuple(v.shape) for k, v in reference.items()}
-    missing = sorted(set(expected) - set(part))
-    unexpected = sorted(set(part) - set(expected))
-    shapes = sorted(f"{k} {tuple(part[k].shape)} != {expected[k]}" for k in set(part) & set(expected)
-                    if tuple(part[k].shape) != expected[k])
-    dtypes = sorted(f"{k} {str(part[k].dtype).removeprefix('torch.')}" for k in set(part) & set(expected)
-                    if reference[k].is_floating_point() and not part[k].is_floating_point())
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes),
-                         ("not floating point", dtypes)):
-        if items:
-            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-            problems.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
-    if problems:
-        raise CheckpointError(f"{name} does not match the expected architecture: " + "; ".join(problems) +
-                              " — pass the model's original yaml with --config if it is a non-standard size")
-
-
-def _meta_model(factory, name: str) -> nn.Module:
-    """The model on the meta device. Sizes read from a file or a yaml can be consistent field by field and still
-    not make a model (channels not divisible by GroupNorm's 32 groups, heads that do not divide a width)."""
-    try:
-        with torch.device("meta"):
-            return factory()
-    except (ValueError, AssertionError, ZeroDivisionError, RuntimeError) as e:
-        raise CheckpointError(f"{name}: the sizes found for it do not make a model ({' '.join(str(e).split())}) "
-                              "— pass the model's original yaml with --config") from None
-
-
-def _build(factory, part: StateDict, name: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Build on meta, check keys and shapes, then assign the file's tensors (cast to dtype, moved to device)."""
-    model = _meta_model(factory, name)
-    _check_keys(model, part, name)
-    cast = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in part.items()}
-    model.load_state_dict(cast, strict=True, assign=True)
-    _materialize_derived_buffers(model, factory, device)
-    return model.eval().requires_grad_(False)
-
-
-def _materialize_derived_buffers(model: nn.Module, factory, device: torch.device) -> None:
-    """Non-persistent buffers (causal masks, position ids) are not in the file: take them from a CPU build."""
-    if not any(b.is_meta for b in model.buffers()):
-        return
-    with torch.device("cpu"):
-        reference = dict(factory().named_buffers())
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta:
-            owner_name, _, leaf = name.rpartition(".")
-            owner = model.get_submodule(owner_name) if owner_name else model
-            owner._buffers[leaf] = reference[name].to(device)
-
-
 def _read_and_configure(path: Path, config: ConfigLike) -> tuple:
     """Read the file, detect what it is, apply a yaml/config override. Also says whether epsilon-vs-v is known."""
     sd = read_state_dict(path)
@@ -193,15 +122,15 @@ def load_checkpoint(path: PathLike, config: ConfigLike = None, dtype: torch.dtyp
         else:
             warnings.warn(f"{path.name}: no EMA weights in this file (pruned files often hold EMA weights already); "
                           "using the weights it has", stacklevel=2)
-    unet = _build(lambda: UNetModel(cfg.unet), _split(sd, D.UNET), "UNet", dtype, device)
+    unet = build(lambda: UNetModel(cfg.unet), _split(sd, D.UNET), "UNet", dtype, device)
     vae = text = tokenizer = None
     if det.has_vae:
-        vae = _build(lambda: AutoencoderKL(cfg.vae), _split(sd, D.VAE), "VAE", vae_dtype, device)
+        vae = build(lambda: AutoencoderKL(cfg.vae), _split(sd, D.VAE), "VAE", vae_dtype, device)
     else:
         warnings.warn(f"{path.name}: no VAE in this file (first_stage_model.*); .vae is None", stacklevel=2)
     if det.has_text:
         src, add = _text_prefix(sd, cfg)
-        text = _build(lambda: build_text_encoder(cfg.text), _split(sd, src, add), "text encoder", dtype, device)
+        text = build(lambda: build_text_encoder(cfg.text), _split(sd, src, add), "text encoder", dtype, device)
         tokenizer = Tokenizer.for_text_config(cfg.text)
     else:
         warnings.warn(f"{path.name}: no text encoder in this file (cond_stage_model.*); .text_encoder is None",
@@ -236,13 +165,13 @@ def inspect_checkpoint(path: PathLike, config: ConfigLike = None, probe: bool = 
         dtypes[name] = sorted({str(v.dtype).removeprefix("torch.") for v in part.values()})
         if present:
             try:
-                _check_keys(_meta_model(factory, name), part, name)
+                check_keys(meta_model(factory, name), part, name)
             except CheckpointError as e:
                 problems.append(str(e))
     known = (D.UNET, D.VAE, "cond_stage_model.", D.EMA)
     unknown = sorted(k for k in sd if not k.startswith(known) and not D.is_skipped(k, True))
     if not prediction_known and probe and not problems:
-        unet = _build(lambda: UNetModel(cfg.unet), _split(sd, D.UNET), "UNet", torch.float32, torch.device("cpu"))
+        unet = build(lambda: UNetModel(cfg.unet), _split(sd, D.UNET), "UNet", torch.float32, torch.device("cpu"))
         _probe_prediction(unet, cfg, evidence)
         prediction_known = True
     return {

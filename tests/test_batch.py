@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from imagic import batch as B
-from imagic.batch import ManifestError, read_manifest, shard
+from imagic.manifest import ManifestError, read_manifest, shard
 from tests.tiny import write_tiny_checkpoint
 
 TEDBENCH = Path(__file__).resolve().parents[2] / "shared" / "tedbench"

@@ -25,7 +25,8 @@ from imagic.config import ModelConfig, preset, to_ldm_yaml
 from imagic.diffusers_format import (
     diffusers_key, is_diffusers_folder, load_diffusers_folder, unet_paths, vae_paths)
 from imagic.export import ldm_state_dict
-from imagic.loader import StableDiffusion, load_checkpoint
+from imagic.assemble import StableDiffusion
+from imagic.loader import load_checkpoint
 from imagic.tokenizer import load_bpe
 from imagic.unet import UNetModel
 from imagic.vae import AutoencoderKL as OurVAE
