@@ -2,7 +2,7 @@
 
 One row per kind of step the editor runs, built from the editor's own pieces (`imagic.training.denoising_loss`
 with a seeded generator, `imagic.schedule.NoiseSchedule`, Adam as in `imagic.training.run_loop`, the learning
-rates of `imagic.editor.FitSettings`, `imagic.samplers.guided_model_output` + `ddim_step`):
+rates of `imagic.fitting.FitSettings`, `imagic.samplers.guided_model_output` + `ddim_step`):
 
     stage 1 step       forward + backward to the text embedding (weights frozen) + Adam on the embedding
     stage 2 LoRA step  rank-4 LoRA (`imagic.lora.inject_lora`, kohya's targets) + Adam on the LoRA matrices;
@@ -40,7 +40,7 @@ from unet_step import DTYPES, DiffusersUNet, abba, build_pair, median, model_con
 
 from imagic import kernels
 from imagic import lora as L
-from imagic.editor import FitSettings
+from imagic.fitting import FitSettings
 from imagic.samplers import ddim_step, guided_model_output
 from imagic.schedule import NoiseSchedule
 from imagic.training import autocast, denoising_loss, make_adam
@@ -167,7 +167,7 @@ def measure_row(fns: Dict[str, Callable[[], object]], resident: Dict[str, Callab
 
 @contextlib.contextmanager
 def full_finetuning(unet: nn.Module) -> Iterator[List[nn.Parameter]]:
-    """Every weight trainable in fp32 (as `Editor._trainable`), then back to the original frozen tensors (which
+    """Every weight trainable in fp32 (as `fitting.trainable`), then back to the original frozen tensors (which
     diffusers' twin shares; in fp32 `.float()` keeps them and Adam updates them in place, at lr 5e-7)."""
     frozen = [p.data for p in unet.parameters()]
     unet.float().requires_grad_(True)

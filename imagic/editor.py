@@ -8,6 +8,10 @@
 where L is the denoising loss of `training.denoising_loss`. alpha = 0 reproduces the input; the paper finds
 0.6-0.8 best for Imagen, public SD ports use 0.9-1.5.
 
+This module is the user-facing Editor: model placement and precision, image and text encoding, the run directory
+(stages skipped when done, resumed when interrupted), stage 3 and saved samples. The stage 1-2 optimisation and
+the stage-2 weights are `imagic.fitting`.
+
 Usage:
     editor = Editor.from_checkpoint("v1-5-pruned-emaonly.safetensors", device="cuda", precision="bf16")
     run = editor.fit("dog.png", "a photo of a sitting dog", out="runs/dog")
@@ -21,55 +25,27 @@ import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from . import lora as L
 from .fileio import OutputError, load_safetensors, read_json, save_safetensors, sha256_file
+from .fitting import (FitSettings, finetune_unet, finetuned_state, finetuned_weights, load_finetuned,
+                      optimize_embedding, save_finetuned, trainable)
 from .images import from_pil, load_image, make_grid, save_png, square, to_pil
 from .loader import StableDiffusion, load_checkpoint
 from .rundir import RunDir, RunError, library_versions, plot_losses
 from .samplers import initial_latents, sample_ddim, sdedit_start
 from .schedule import NoiseSchedule
 from .tokenizer import clean
-from .training import PRECISIONS, NumericalError, StepCallback, autocast, denoising_loss, peak_memory, run_loop
+from .training import PRECISIONS, NumericalError, StepCallback, autocast, peak_memory
 from .vae import decode_latents, encode_latents
 
 log = logging.getLogger(__name__)
 
 ImageLike = Union[str, Path, Image.Image, Tensor]
-
-
-@dataclass
-class FitSettings:
-    """Stage 1 and 2 settings. Defaults: the paper's SD setting for stage 1 (1000 Adam steps at 2e-3) and for
-    full fine-tuning (1500 steps at 5e-7); LoRA (our default, fits a consumer GPU) trains rank-4 adapters for
-    500 steps at 2e-4 (LoRA wants a far larger lr than full fine-tuning: its update starts from zero)."""
-
-    embed_steps: int = 1000
-    embed_lr: float = 2e-3
-    finetune: str = "lora"  # "lora" | "full"
-    finetune_steps: Optional[int] = None  # None: 500 (lora) / 1500 (full)
-    finetune_lr: Optional[float] = None  # None: 2e-4 (lora) / 5e-7 (full)
-    lora_rank: int = 4
-    lora_alpha: Optional[float] = None  # None: = rank (scale 1)
-    seed: int = 0
-    fit: str = "crop"  # how a non-square image becomes square: "crop" | "pad"
-    save_every: int = 50
-
-    def __post_init__(self) -> None:
-        if self.finetune not in ("lora", "full"):
-            raise ValueError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
-        if self.finetune_steps is None:
-            self.finetune_steps = 500 if self.finetune == "lora" else 1500
-        if self.finetune_lr is None:
-            self.finetune_lr = 2e-4 if self.finetune == "lora" else 5e-7
-        for name in ("embed_steps", "finetune_steps", "lora_rank", "save_every"):
-            if getattr(self, name) < (0 if name.endswith("steps") else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass
@@ -200,19 +176,15 @@ class Editor:
 
     def _stage1(self, x0: Tensor, e_tgt: Tensor, s: FitSettings, rd: Optional[RunDir],
                 callback: Optional[StepCallback]) -> Tuple[Tensor, List[float]]:
-        """Optimise the text embedding with the model frozen (paper eq. 2)."""
+        """Stage 1 in the run directory: skipped when done, resumed when interrupted, recorded when finished."""
         if rd is not None and rd.optimized_embedding.exists():
             log.info("stage 1 already done: %s", rd.optimized_embedding)
             rd.resume_state(1).unlink(missing_ok=True)  # left behind if a kill came between the two writes
             return load_safetensors(rd.optimized_embedding)[0]["embedding"].to(self.device), rd.read_losses(1)
-        e = e_tgt.clone().requires_grad_(True)
-        state = run_loop(
-            "stage 1: embedding", [e],
-            lambda g: denoising_loss(self.unet, self.schedule, x0, e, g, self.precision),
-            steps=s.embed_steps, lr=s.embed_lr, seed=s.seed, resume_path=rd.resume_state(1) if rd else None,
-            save_every=s.save_every, callback=callback, progress=self.progress,
+        e_opt, state = optimize_embedding(
+            self.unet, self.schedule, x0, e_tgt, s, self.precision, resume_path=rd.resume_state(1) if rd else None,
+            callback=callback, progress=self.progress,
             on_save=(lambda st: rd.write_losses(1, st.losses)) if rd else None)
-        e_opt = e.detach()
         if rd is not None:
             save_safetensors(rd.optimized_embedding, {"embedding": e_opt})  # marks stage 1 as done
             rd.write_losses(1, state.losses)
@@ -223,21 +195,20 @@ class Editor:
 
     def _stage2(self, x0: Tensor, e_opt: Tensor, s: FitSettings, rd: Optional[RunDir],
                 callback: Optional[StepCallback]) -> Tuple[Dict[str, Tensor], List[float]]:
-        """Fine-tune the model with e_opt frozen (paper eq. 3): LoRA adapters or every UNet weight."""
+        """Stage 2 (LoRA adapters or every UNet weight) in the run directory, like `_stage1`."""
         if rd is not None and rd.finetuned(s.finetune).exists():
             log.info("stage 2 already done: %s", rd.finetuned(s.finetune))
             rd.resume_state(2).unlink(missing_ok=True)
             return self._read_finetuned(rd, s.finetune), rd.read_losses(2)
-        with self._trainable(s) as params:
-            state = run_loop(
-                f"stage 2: {s.finetune} fine-tune", params,
-                lambda g: denoising_loss(self.unet, self.schedule, x0, e_opt, g, self.precision),
-                steps=s.finetune_steps, lr=s.finetune_lr, seed=s.seed + 1,
-                resume_path=rd.resume_state(2) if rd else None, save_every=s.save_every, callback=callback,
-                progress=self.progress, on_save=(lambda st: rd.write_losses(2, st.losses)) if rd else None)
-            finetuned = self._finetuned_state(s.finetune)
+        with trainable(self.unet, s, self.precision) as params:
+            state = finetune_unet(
+                self.unet, self.schedule, x0, e_opt, params, s, self.precision,
+                resume_path=rd.resume_state(2) if rd else None, callback=callback, progress=self.progress,
+                on_save=(lambda st: rd.write_losses(2, st.losses)) if rd else None)
+            finetuned = finetuned_state(self.unet, s.finetune)
             if rd is not None:
-                self._write_finetuned(rd, s.finetune)
+                save_finetuned(self.unet, s.finetune, rd.finetuned(s.finetune), self.config.unet,
+                               read_json(rd.args).get("checkpoint_sha256"))
         if rd is not None:
             rd.write_losses(2, state.losses)
             rd.resume_state(2).unlink(missing_ok=True)
@@ -245,70 +216,12 @@ class Editor:
                    f"{state.losses[-1] if state.losses else 'n/a'}, peak memory {peak_memory(self.device)}")
         return finetuned, state.losses
 
-    @contextlib.contextmanager
-    def _trainable(self, s: FitSettings) -> Iterator[List[Tensor]]:
-        """Make the stage-2 parameters trainable (fp32), yield them, and restore the base model afterwards."""
-        if s.finetune == "lora":
-            L.inject_lora(self.unet, rank=s.lora_rank, alpha=s.lora_alpha, seed=s.seed)
-            try:
-                yield L.lora_parameters(self.unet)
-            finally:
-                L.remove_lora(self.unet)
-            return
-        base = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
-        self.unet.float().requires_grad_(True)  # trainable weights and their Adam moments stay fp32
-        try:
-            yield list(self.unet.parameters())
-        finally:
-            self.unet.requires_grad_(False).load_state_dict(base)
-            self.unet.to(PRECISIONS[self.precision])
-
-    def _finetuned_state(self, mode: str) -> Dict[str, Tensor]:
-        if mode == "lora":
-            return {k: v.detach().cpu().clone() for k, v in L.lora_state_dict(self.unet).items()}
-        return {k: v.detach().cpu().clone() for k, v in self.unet.state_dict().items()}
-
-    def _write_finetuned(self, rd: RunDir, mode: str) -> None:
-        if mode == "lora":  # the kohya layout, which other SD tools load
-            save_safetensors(rd.lora, L.to_kohya(self.unet, self.config.unet),
-                             {"ss_network_module": "networks.lora",
-                              "imagic_base_sha256": read_json(rd.args).get("checkpoint_sha256") or ""})
-        else:
-            save_safetensors(rd.full_unet, {k: v for k, v in self.unet.state_dict().items()})
-
     def _read_finetuned(self, rd: RunDir, mode: str) -> Dict[str, Tensor]:
-        tensors = load_safetensors(rd.finetuned(mode))[0]
-        if mode == "full":
-            return tensors
-        with self._lora_loaded_from_kohya(tensors):
-            return self._finetuned_state("lora")
+        return load_finetuned(self.unet, mode, rd.finetuned(mode), self.config.unet)
 
-    @contextlib.contextmanager
-    def _lora_loaded_from_kohya(self, kohya: Dict[str, Tensor]) -> Iterator[None]:
-        L.from_kohya(self.unet, kohya, self.config.unet)
-        try:
-            yield
-        finally:
-            L.remove_lora(self.unet)
-
-    @contextlib.contextmanager
-    def finetuned_model(self, run: Run) -> Iterator[None]:
+    def finetuned_model(self, run: Run) -> ContextManager[None]:
         """Inside the block `self.unet` is the run's fine-tuned model; the base model comes back afterwards."""
-        if run.settings.finetune == "lora":
-            L.load_lora_state_dict(self.unet, {k: v.to(self.device) for k, v in run.finetuned.items()})
-            L.merge_lora(self.unet)  # sampling is faster merged; remove_lora below restores the base weights
-            try:
-                yield
-            finally:
-                L.unmerge_lora(self.unet)
-                L.remove_lora(self.unet)
-            return
-        base = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
-        self.unet.load_state_dict({k: v.to(self.device) for k, v in run.finetuned.items()})
-        try:
-            yield
-        finally:
-            self.unet.load_state_dict(base)
+        return finetuned_weights(self.unet, run.settings.finetune, run.finetuned, self.device)
 
     def load_run(self, directory: Union[str, Path]) -> Run:
         """A finished run from its directory (stage 3 only needs these files)."""

@@ -1,4 +1,5 @@
-"""LoRA for the UNet (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models"), with kohya export.
+"""LoRA for the UNet (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): the layers and
+their injection into a model. The file formats (kohya's and our own) are `imagic.lora_format`.
 
 A wrapped layer computes `W x + b + scale * up(down(x))` with `scale = alpha / rank`. `down` starts
 kaiming-uniform and `up` starts at zero (as in the paper and kohya's sd-scripts `networks/lora.py`), so an
@@ -13,32 +14,20 @@ whatever the base dtype. In the forward they are cast to the activation's dtype,
 do and what the frozen base layer runs in: upcasting the (tokens x channels) activations to fp32 instead would
 store an fp32 copy of every LoRA layer's input for the backward, for no gain at rank 4. `merge()` forms the
 delta in fp32 and rounds once into the base dtype.
-
-kohya format: SD 1.x/2.x LoRA files name modules by the *diffusers* UNet
-(`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight`, `.lora_up.weight`,
-`.alpha`), because sd-scripts trains those models on a diffusers-layout UNet. Our modules have the LDM names, so
-`transformer_paths` rebuilds the block loop of `openaimodel.UNetModel` to map each SpatialTransformer
-(`input_blocks.1.1`) to its diffusers parent (`down_blocks.0.attentions.0`) with the index arithmetic of
-diffusers' `convert_ldm_unet_checkpoint`; everything below a transformer has the same names in both.
 """
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagic.config import UNetConfig
-
 # kohya's default for the UNet: every Linear / 1x1 Conv2d inside a SpatialTransformer (diffusers'
 # Transformer2DModel). Matched against the last components of a module path.
 DEFAULT_TARGETS: Tuple[str, ...] = (
     "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
-
-_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
 class _LoRAMixin:
@@ -215,7 +204,8 @@ def inject_lora(unet: nn.Module, rank: int = 4, alpha: Optional[float] = None,
     """Replace every module whose path ends with one of `targets` by its LoRA wrapper; returns their paths.
 
     The whole model is frozen (`requires_grad_(False)`) and only the new LoRA matrices train, as in kohya's
-    trainer. `seed` makes the random init of `lora_down` reproducible on any device. Convert the model's dtype/device before injecting: a later `.half()` would also cast the LoRA.
+    trainer. `seed` makes the random init of `lora_down` reproducible on any device. Convert the model's
+    dtype/device before injecting: a later `.half()` would also cast the LoRA.
     """
     paths = [p for p, _ in unet.named_modules() if p and _matches(p, targets)]
     if not paths:
@@ -254,146 +244,25 @@ def remove_lora(unet: nn.Module) -> List[str]:
     return paths
 
 
-def lora_state_dict(unet: nn.Module) -> Dict[str, torch.Tensor]:
-    """Our own format: `<module path>.lora_down.weight`, `.lora_up.weight` and a 0-dim `.alpha`, fp32."""
-    sd: Dict[str, torch.Tensor] = {}
-    for path, m in lora_modules(unet):
-        sd.update(_entry(path, m, torch.float32))
-    return sd
-
-
-def load_lora_state_dict(unet: nn.Module, sd: Dict[str, torch.Tensor]) -> List[str]:
-    """Load lora_state_dict() output, adding LoRA layers (rank from the shapes) where there are none yet."""
-    return _load(unet, _group(sd))
-
-
-def transformer_paths(cfg: UNetConfig) -> Dict[str, str]:
-    """LDM path of every SpatialTransformer -> its diffusers path, e.g. input_blocks.1.1 -> down_blocks.0.attentions.0.
-
-    The loop is UNetModel.__init__'s (openaimodel.py): input block n = 1 + level * (num_res_blocks + 1) + i holds
-    down_blocks.level's i-th attention, output block n = up * (num_res_blocks + 1) + i holds up_blocks.up's,
-    with `up` counting levels from the bottom (diffusers' convert_ldm_unet_checkpoint).
-    """
-    paths: Dict[str, str] = {}
-    levels, per_level = len(cfg.channel_mult), cfg.num_res_blocks + 1
-    ds = 1
-    for level in range(levels):
-        for i in range(cfg.num_res_blocks):
-            if ds in cfg.attention_resolutions:
-                paths[f"input_blocks.{1 + level * per_level + i}.1"] = f"down_blocks.{level}.attentions.{i}"
-        if level != levels - 1:
-            ds *= 2
-    paths["middle_block.1"] = "mid_block.attentions.0"
-    for up in range(levels):
-        for i in range(per_level):
-            if ds in cfg.attention_resolutions:
-                paths[f"output_blocks.{up * per_level + i}.1"] = f"up_blocks.{up}.attentions.{i}"
-        ds //= 2
-    return paths
-
-
-def diffusers_path(path: str, cfg: UNetConfig) -> str:
-    """The diffusers UNet2DConditionModel path of one of our modules inside a SpatialTransformer."""
-    for ldm, diff in transformer_paths(cfg).items():
-        if path == ldm or path.startswith(ldm + "."):
-            return diff + path[len(ldm):]
-    raise ValueError(f"{path} is not inside a SpatialTransformer; the kohya names of other layers are not mapped")
-
-
-def kohya_name(path: str, cfg: UNetConfig) -> str:
-    """`lora_unet_` + the diffusers path with '.' -> '_' (sd-scripts' LoRANetwork naming)."""
-    return "lora_unet_" + diffusers_path(path, cfg).replace(".", "_")
-
-
-def to_kohya(unet: nn.Module, cfg: Optional[UNetConfig] = None,
-             dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
-    """The LoRA in the kohya format other SD tools load (save it with safetensors.torch.save_file).
-
-    `cfg` defaults to the model's own `unet.cfg`. Linear weights are 2-D, 1x1 conv weights 4-D (out, in, 1, 1).
-    """
-    cfg = _config(unet, cfg)
-    sd: Dict[str, torch.Tensor] = {}
-    for path, m in lora_modules(unet):
-        sd.update(_entry(kohya_name(path, cfg), m, dtype))
-    return sd
-
-
-def from_kohya(unet: nn.Module, sd: Dict[str, torch.Tensor], cfg: Optional[UNetConfig] = None) -> List[str]:
-    """Load a kohya-format UNet LoRA into our LDM-named model (adding LoRA layers where needed); returns paths.
-
-    Text-encoder entries (`lora_te*`) are skipped with a warning; anything else that is not a plain LoRA on a
-    module of this UNet is an error that lists the names.
-    """
-    cfg = _config(unet, cfg)
-    te = [k for k in sd if k.startswith("lora_te")]
-    if te:
-        warnings.warn(f"skipping {len(te)} text-encoder LoRA tensors (lora_te*): only the UNet LoRA is loaded")
-    entries = _group({k: v for k, v in sd.items() if not k.startswith("lora_te")})
-    names = {kohya_name(p, cfg): p for p, _ in unet.named_modules() if _inside_transformer(p, cfg)}
-    unknown = sorted(set(entries) - set(names))
-    if unknown:
-        raise ValueError(f"kohya LoRA names that match no module of this UNet: {', '.join(unknown)}")
-    return _load(unet, {names[n]: tensors for n, tensors in entries.items()})
-
-
-def _inside_transformer(path: str, cfg: UNetConfig) -> bool:
-    return any(path.startswith(ldm + ".") for ldm in transformer_paths(cfg))
-
-
-def _config(unet: nn.Module, cfg: Optional[UNetConfig]) -> UNetConfig:
-    cfg = cfg if cfg is not None else getattr(unet, "cfg", None)
-    if not isinstance(cfg, UNetConfig):
-        raise TypeError("the kohya names need the UNetConfig: pass cfg= (the model has no `cfg` attribute)")
-    return cfg
-
-
-def _entry(name: str, m: LoRAModule, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    return {f"{name}.lora_down.weight": m.lora_down.weight.detach().to(dtype).clone(),
-            f"{name}.lora_up.weight": m.lora_up.weight.detach().to(dtype).clone(),
-            f"{name}.alpha": torch.tensor(m.alpha, dtype=dtype)}
-
-
-def _group(sd: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
-    """{name: {"lora_down.weight": .., "lora_up.weight": .., "alpha": ..}}; other suffixes or missing halves fail."""
-    entries: Dict[str, Dict[str, torch.Tensor]] = {}
-    bad = []
-    for key, value in sd.items():
-        suffix = next((s for s in _SUFFIXES if key.endswith("." + s)), None)
-        if suffix is None:
-            bad.append(key)
-        else:
-            entries.setdefault(key[:-len(suffix) - 1], {})[suffix] = value
-    if bad:
-        raise ValueError(f"not plain LoRA tensors (LoCon/LoHa/DoRA are not supported): {', '.join(sorted(bad))}")
-    incomplete = sorted(n for n, e in entries.items() if not {"lora_down.weight", "lora_up.weight"} <= set(e))
-    if incomplete:
-        raise ValueError(f"LoRA entries without both lora_down and lora_up: {', '.join(incomplete)}")
-    return entries
-
-
 @torch.no_grad()
-def _load(unet: nn.Module, entries: Dict[str, Dict[str, torch.Tensor]]) -> List[str]:
-    """Copy each entry into the LoRA at its path, (re)creating the layer when it is plain or its rank/alpha differ.
-
-    A missing alpha means alpha = rank (kohya's convention), i.e. scale 1.
-    """
-    for path, e in entries.items():
-        rank = e["lora_down.weight"].shape[0]
-        alpha = float(e["alpha"]) if "alpha" in e else float(rank)
-        m = unet.get_submodule(path)
-        if isinstance(m, (LoRALinear, LoRAConv2d)):
-            if m.merged:
-                raise ValueError(f"{path} is merged; unmerge_lora() before loading a LoRA")
-            if (m.rank, m.alpha) == (rank, alpha):
-                new = m
-            else:
-                new = _wrap(_unwrap(m), path, rank, alpha)
+def set_lora(unet: nn.Module, path: str, down: torch.Tensor, up: torch.Tensor, alpha: Optional[float] = None) -> None:
+    """Give the module at `path` a LoRA with these matrices (rank from `down`; alpha None means alpha = rank),
+    (re)creating the layer when it is plain or its rank/alpha differ. What the file loaders build on."""
+    rank = down.shape[0]
+    alpha = float(rank if alpha is None else alpha)
+    m = unet.get_submodule(path)
+    if isinstance(m, (LoRALinear, LoRAConv2d)):
+        if m.merged:
+            raise ValueError(f"{path} is merged; unmerge_lora() before loading a LoRA")
+        if (m.rank, m.alpha) == (rank, alpha):
+            new = m
         else:
-            new = _wrap(m, path, rank, alpha)
-        new.lora_down.weight.copy_(_fit(e["lora_down.weight"], new.lora_down.weight, path))
-        new.lora_up.weight.copy_(_fit(e["lora_up.weight"], new.lora_up.weight, path))
-        _set_module(unet, path, new)
-    return list(entries)
+            new = _wrap(_unwrap(m), path, rank, alpha)
+    else:
+        new = _wrap(m, path, rank, alpha)
+    new.lora_down.weight.copy_(_fit(down, new.lora_down.weight, path))
+    new.lora_up.weight.copy_(_fit(up, new.lora_up.weight, path))
+    _set_module(unet, path, new)
 
 
 def _fit(w: torch.Tensor, like: torch.Tensor, path: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
 
-from .editor import FitSettings
+from .fitting import FitSettings
 from .fileio import PathLike
 from .metrics import EditMetrics
 

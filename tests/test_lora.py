@@ -23,8 +23,8 @@ from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
 from imagic.config import ModelConfig, TextConfig, UNetConfig, to_ldm_yaml
 from imagic.lora import (
-    LoRAConv2d, LoRALinear, from_kohya, inject_lora, load_lora_state_dict, lora_modules, lora_parameters,
-    lora_state_dict, merge_lora, remove_lora, to_kohya, transformer_paths, unmerge_lora)
+    LoRAConv2d, LoRALinear, inject_lora, lora_modules, lora_parameters, merge_lora, remove_lora, unmerge_lora)
+from imagic.lora_format import from_kohya, load_lora_state_dict, lora_state_dict, to_kohya, transformer_paths
 from tests.helpers import randomize_, rel_err
 
 TOL = 1e-4

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from imagic import lora as L
+from imagic import lora_format as LF
 from imagic.editor import Editor
 from imagic.fileio import load_safetensors, save_safetensors
 from imagic.loader import StableDiffusion, load_checkpoint
@@ -73,7 +74,7 @@ def test_our_kohya_file_loads_into_diffusers(setup):
     base = our_out(ours)
     L.inject_lora(ours.unet, rank=4, alpha=2)  # scale 0.5: a wrong alpha convention shows
     randomize_lora_(ours.unet)
-    save_safetensors(tmp / "ours.safetensors", L.to_kohya(ours.unet), {"ss_network_module": "networks.lora"})
+    save_safetensors(tmp / "ours.safetensors", LF.to_kohya(ours.unet), {"ss_network_module": "networks.lora"})
     L.merge_lora(ours.unet)
     expected = our_out(ours)
     assert rel_err(expected, base) > 0.05  # the LoRA matters
@@ -107,7 +108,7 @@ def test_lora_written_by_diffusers_loads_into_ours(setup):
     save_safetensors(tmp / "theirs.safetensors", convert_state_dict_to_kohya(peft_sd))
     expected = diffusers_out(pipe, ours)
     kohya, _ = load_safetensors(tmp / "theirs.safetensors")
-    loaded = L.from_kohya(ours.unet, kohya)
+    loaded = LF.from_kohya(ours.unet, kohya)
     assert len(loaded) == len(kohya) // 3
     assert rel_err(our_out(ours), expected) < TOL
 
@@ -167,7 +168,7 @@ def test_sd_scripts_style_file_loads_into_ours(setup, alphas):
         pipe.load_lora_weights(str(tmp), weight_name=f"sd_scripts_{alphas}.safetensors")
     base = our_out(ours)
     kohya, _ = load_safetensors(tmp / f"sd_scripts_{alphas}.safetensors")
-    L.from_kohya(ours.unet, kohya)
+    LF.from_kohya(ours.unet, kohya)
     if alphas == "mixed":  # compare merged with merged (a large LoRA: branch vs merge rounding reaches ~2e-4)
         L.merge_lora(ours.unet)
     assert rel_err(our_out(ours), base) > 0.05
@@ -180,7 +181,7 @@ def test_foreign_lora_for_sampling(setup):
     editor = Editor.from_checkpoint(ckpt, device="cpu", progress=False)
     sd = sd_scripts_file(diffusers_pipeline(editor.model, tmp / "vocab"), "mixed")
     base = editor.txt2img("a photo", steps=2)[0]
-    L.from_kohya(editor.unet, sd, editor.config.unet)
+    LF.from_kohya(editor.unet, sd, editor.config.unet)
     L.merge_lora(editor.unet)
     with_lora = editor.txt2img("a photo", steps=2)[0]
     L.unmerge_lora(editor.unet)

@@ -1,0 +1,151 @@
+"""Imagic's stages 1 and 2 (what `Editor.fit` runs) as functions of a frozen UNet, and the stage-2 weights.
+
+    stage 1  e_opt = argmin_e  L(x0, e; theta)      Adam from e_tgt, model frozen             (paper eq. 2)
+    stage 2  theta' = argmin_theta L(x0, e_opt; theta)   e_opt frozen; LoRA or all weights  (paper eq. 3)
+
+L is `training.denoising_loss`, minimised by `training.run_loop`. The stage-2 weights are either rank-r LoRA
+adapters (`imagic.lora`) or every UNet weight; the functions below make them trainable, snapshot them, write and
+read them (kohya layout for LoRA, so other SD tools load it) and put them in the UNet for sampling. The run
+directory, resuming and stage 3 (interpolation and sampling) are the Editor's (`imagic.editor`).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import lora as L
+from . import lora_format
+from .config import UNetConfig
+from .fileio import load_safetensors, save_safetensors
+from .schedule import NoiseSchedule
+from .training import PRECISIONS, LoopState, StepCallback, denoising_loss, run_loop
+
+
+@dataclass
+class FitSettings:
+    """Stage 1 and 2 settings. Defaults: the paper's SD setting for stage 1 (1000 Adam steps at 2e-3) and for
+    full fine-tuning (1500 steps at 5e-7); LoRA (our default, fits a consumer GPU) trains rank-4 adapters for
+    500 steps at 2e-4 (LoRA wants a far larger lr than full fine-tuning: its update starts from zero)."""
+
+    embed_steps: int = 1000
+    embed_lr: float = 2e-3
+    finetune: str = "lora"  # "lora" | "full"
+    finetune_steps: Optional[int] = None  # None: 500 (lora) / 1500 (full)
+    finetune_lr: Optional[float] = None  # None: 2e-4 (lora) / 5e-7 (full)
+    lora_rank: int = 4
+    lora_alpha: Optional[float] = None  # None: = rank (scale 1)
+    seed: int = 0
+    fit: str = "crop"  # how a non-square image becomes square: "crop" | "pad"
+    save_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.finetune not in ("lora", "full"):
+            raise ValueError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
+        if self.finetune_steps is None:
+            self.finetune_steps = 500 if self.finetune == "lora" else 1500
+        if self.finetune_lr is None:
+            self.finetune_lr = 2e-4 if self.finetune == "lora" else 5e-7
+        for name in ("embed_steps", "finetune_steps", "lora_rank", "save_every"):
+            if getattr(self, name) < (0 if name.endswith("steps") else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def optimize_embedding(unet: nn.Module, schedule: NoiseSchedule, x0: Tensor, e_tgt: Tensor, s: FitSettings,
+                       precision: str = "fp32", *, resume_path: Optional[Path] = None,
+                       on_save: Optional[Callable[[LoopState], None]] = None,
+                       callback: Optional[StepCallback] = None, progress: bool = True) -> Tuple[Tensor, LoopState]:
+    """Stage 1 (eq. 2): Adam on the embedding, started at e_tgt, with the model frozen. Returns e_opt and the
+    loop's final state; `resume_path`, `on_save`, `callback` and `progress` go to `run_loop`."""
+    e = e_tgt.clone().requires_grad_(True)
+    state = run_loop("stage 1: embedding", [e], lambda g: denoising_loss(unet, schedule, x0, e, g, precision),
+                     steps=s.embed_steps, lr=s.embed_lr, seed=s.seed, resume_path=resume_path,
+                     save_every=s.save_every, callback=callback, progress=progress, on_save=on_save)
+    return e.detach(), state
+
+
+def finetune_unet(unet: nn.Module, schedule: NoiseSchedule, x0: Tensor, e_opt: Tensor, params: List[Tensor],
+                  s: FitSettings, precision: str = "fp32", *, resume_path: Optional[Path] = None,
+                  on_save: Optional[Callable[[LoopState], None]] = None,
+                  callback: Optional[StepCallback] = None, progress: bool = True) -> LoopState:
+    """Stage 2 (eq. 3): Adam on `params` (from `trainable`) with e_opt frozen, seeded s.seed + 1 (another noise
+    stream than stage 1's); `resume_path`, `on_save`, `callback` and `progress` go to `run_loop`."""
+    return run_loop(f"stage 2: {s.finetune} fine-tune", params,
+                    lambda g: denoising_loss(unet, schedule, x0, e_opt, g, precision),
+                    steps=s.finetune_steps, lr=s.finetune_lr, seed=s.seed + 1, resume_path=resume_path,
+                    save_every=s.save_every, callback=callback, progress=progress, on_save=on_save)
+
+
+# --- the stage-2 weights: LoRA adapters or the whole UNet ----------------------------------------------------------
+@contextlib.contextmanager
+def trainable(unet: nn.Module, s: FitSettings, precision: str) -> Iterator[List[Tensor]]:
+    """Make the stage-2 parameters trainable (fp32), yield them, and restore the base model afterwards."""
+    if s.finetune == "lora":
+        L.inject_lora(unet, rank=s.lora_rank, alpha=s.lora_alpha, seed=s.seed)
+        try:
+            yield L.lora_parameters(unet)
+        finally:
+            L.remove_lora(unet)
+        return
+    base = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    unet.float().requires_grad_(True)  # trainable weights and their Adam moments stay fp32
+    try:
+        yield list(unet.parameters())
+    finally:
+        unet.requires_grad_(False).load_state_dict(base)
+        unet.to(PRECISIONS[precision])
+
+
+def finetuned_state(unet: nn.Module, mode: str) -> Dict[str, Tensor]:
+    """CPU copies of the trained weights: our LoRA state dict (mode "lora") or the full UNet state dict."""
+    if mode == "lora":
+        return {k: v.detach().cpu().clone() for k, v in lora_format.lora_state_dict(unet).items()}
+    return {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
+
+
+def save_finetuned(unet: nn.Module, mode: str, path: Path, cfg: UNetConfig, base_sha256: Optional[str]) -> None:
+    """Write the trained weights of `unet` (inside `trainable`): LoRA in the kohya layout, which other SD tools
+    load, with the base checkpoint's sha256 in its metadata; or the whole UNet."""
+    if mode == "lora":
+        save_safetensors(path, lora_format.to_kohya(unet, cfg),
+                         {"ss_network_module": "networks.lora", "imagic_base_sha256": base_sha256 or ""})
+    else:
+        save_safetensors(path, {k: v for k, v in unet.state_dict().items()})
+
+
+def load_finetuned(unet: nn.Module, mode: str, path: Path, cfg: UNetConfig) -> Dict[str, Tensor]:
+    """What `save_finetuned` wrote, as `finetuned_state` returns it (a kohya file goes through the model for
+    its names); the model is left as it was."""
+    tensors = load_safetensors(path)[0]
+    if mode == "full":
+        return tensors
+    lora_format.from_kohya(unet, tensors, cfg)
+    try:
+        return finetuned_state(unet, "lora")
+    finally:
+        L.remove_lora(unet)
+
+
+@contextlib.contextmanager
+def finetuned_weights(unet: nn.Module, mode: str, state: Dict[str, Tensor],
+                      device: Union[str, torch.device]) -> Iterator[None]:
+    """Inside the block `unet` carries `state` (from `finetuned_state`); the base model comes back afterwards."""
+    if mode == "lora":
+        lora_format.load_lora_state_dict(unet, {k: v.to(device) for k, v in state.items()})
+        L.merge_lora(unet)  # sampling is faster merged; remove_lora below restores the base weights
+        try:
+            yield
+        finally:
+            L.unmerge_lora(unet)
+            L.remove_lora(unet)
+        return
+    base = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    unet.load_state_dict({k: v.to(device) for k, v in state.items()})
+    try:
+        yield
+    finally:
+        unet.load_state_dict(base)
