@@ -1,9 +1,9 @@
 """LoRA files across tools, through diffusers' own loaders (which need `peft`, a test extra).
 
-- The kohya-layout file we write (`lora.to_kohya`, what a run directory's lora.safetensors holds) loads into a
+- The kohya-layout file we write (`lora_format.to_kohya`, what a run directory's lora.safetensors holds) loads into a
   diffusers `StableDiffusionPipeline` with `load_lora_weights`, and its UNet then gives our merged model's output.
-- kohya files written by others load into our UNet with `lora.from_kohya`: one converted by diffusers' own PEFT ->
-  kohya writer (`convert_state_dict_to_kohya`), and one hand-built with sd-scripts' naming (1x1-conv LoRA as 4-D
+- kohya files written by others load into our UNet with `lora_format.from_kohya`: one converted by diffusers' own
+  PEFT -> kohya writer (`convert_state_dict_to_kohya`), and one hand-built with sd-scripts' naming (1x1-conv LoRA as 4-D
   weights, mixed ranks, alpha present or absent), both checked against diffusers' loader, then used for sampling.
 """
 from __future__ import annotations
