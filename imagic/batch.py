@@ -82,9 +82,8 @@ def run_edit(editor, edit: Edit, directory: Path, s: BatchSettings) -> Dict[str,
         points = [(a, mean_over_seeds(rows, a, "clip_score"), mean_over_seeds(rows, a, "lpips")) for a in alphas]
         save_png(plot_tradeoff(points, title=f"{edit.index}: {edit.target_text[:50]}"), directory / "tradeoff.png")
     return {"status": "done", "index": edit.index, "target_text": edit.target_text,
-            "samples": {f"{seed}:{a:g}": str(directory / "samples" / f"seed{seed}_alpha{a:g}.png")
-                        for seed, a in result.images},
-            "grid": str(directory / "grid.png"), "metrics": rows, "seconds": round(time.time() - start, 1)}
+            "samples": {f"{seed}:{a:g}": str(path) for (seed, a), path in result.paths.items()},
+            "grid": str(result.grid_path), "metrics": rows, "seconds": round(time.time() - start, 1)}
 
 
 def run_shard(get_editor: Callable[[], Any], edits: Sequence[Edit], out: PathLike, s: BatchSettings,

@@ -75,7 +75,7 @@ def _last(values: List[float]) -> str:
 def _sample(editor, run, args: argparse.Namespace) -> None:
     result = editor.sample(run, alpha=args.alpha, seeds=args.seeds, guidance_scale=args.guidance_scale,
                            steps=args.steps, ddim_eta=args.ddim_eta, negative_prompt=args.negative_prompt)
-    print(f"wrote {len(result.images)} samples to {run.directory / 'samples'} and the grid {run.directory / 'grid.png'}"
+    print(f"wrote {len(result.images)} samples to {run.directory / 'samples'} and the grid {result.grid_path}"
           " (rows: seeds, columns: alphas)")
 
 

@@ -31,12 +31,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .assemble import StableDiffusion
 from .fileio import OutputError, load_safetensors, read_json, save_safetensors, sha256_file
 from .fitting import (FitSettings, finetune_unet, finetuned_state, finetuned_weights, load_finetuned,
                       optimize_embedding, save_finetuned, trainable)
 from .images import from_pil, load_image, make_grid, save_png, square, to_pil
-from .loader import StableDiffusion, load_checkpoint
-from .rundir import RunDir, RunError, library_versions, plot_losses
+from .loader import load_checkpoint
+from .rundir import RunDir, RunError, library_versions, plot_losses, sample_stem
 from .samplers import initial_latents, sample_ddim, sdedit_start
 from .schedule import NoiseSchedule
 from .tokenizer import clean
@@ -68,6 +69,8 @@ class SampleResult:
     grid: Image.Image
     seeds: List[int]
     alphas: List[float]
+    paths: Dict[Tuple[int, float], Path] = field(default_factory=dict)  # where each image was saved (if it was)
+    grid_path: Optional[Path] = None  # this call's grid in the run directory: grid.png, grid-2.png, ...
 
 
 def _default_device() -> torch.device:
@@ -129,7 +132,12 @@ class Editor:
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> List[Image.Image]:
-        return to_pil(decode_latents(self.vae, latents.float(), self.config.scale_factor).float().cpu())
+        """One latent at a time, so an image does not depend on what else is decoded with it: CPU BLAS chooses its
+        blocking by the batch size (on the built-in model, decoding 10 latents at once left 4 of the 10 images one
+        pixel value off by 1 against decoding each alone), and the decoder's activations, sampling's largest at 512²,
+        are one image's."""
+        return [to_pil(decode_latents(self.vae, z[None].float(), self.config.scale_factor).float().cpu())[0]
+                for z in latents]
 
     # --- stages 1 and 2 ---------------------------------------------------------------------------------------
     def fit(self, image: ImageLike, target_text: str, out: Union[str, Path, None] = None,
@@ -292,24 +300,41 @@ class Editor:
                     images[(seed, a)] = img
         grid = make_grid([[images[(sd, a)] for a in alphas] for sd in seed_list],
                          row_labels=[f"seed {sd}" for sd in seed_list], col_labels=[f"alpha {a:g}" for a in alphas])
+        result = SampleResult(images=images, grid=grid, seeds=seed_list, alphas=alphas)
         if save and run.directory is not None:
-            self._save_samples(run, images, grid, guidance_scale, steps, ddim_eta, negative_prompt)
-        return SampleResult(images=images, grid=grid, seeds=seed_list, alphas=alphas)
+            result.paths, result.grid_path = self._save_samples(run, images, grid, guidance_scale, steps, ddim_eta,
+                                                                negative_prompt)
+        return result
 
     def _save_samples(self, run: Run, images: Dict[Tuple[int, float], Image.Image], grid: Image.Image,
-                      guidance_scale: float, steps: int, ddim_eta: float, negative_prompt: str) -> None:
+                      guidance_scale: float, steps: int, ddim_eta: float,
+                      negative_prompt: str) -> Tuple[Dict[Tuple[int, float], Path], Path]:
+        """Write the samples and this call's grid without replacing anything an earlier call wrote
+        (`RunDir.sample_path`, `RunDir.new_grid`), and say in run.log what was written."""
         common = {"target_text": run.target_text, "guidance_scale": guidance_scale, "steps": steps,
                   "ddim_eta": ddim_eta, "negative_prompt": negative_prompt, "finetune": run.settings.finetune,
                   "sampler": "DDIM", "software": f"imagic {library_versions()['imagic']}"}
+        paths: Dict[Tuple[int, float], Path] = {}
         with RunDir(run.directory) as rd:  # type: ignore[arg-type]  # a concurrent fit or sample is refused
             try:
                 rd.samples.mkdir(parents=True, exist_ok=True)
             except OSError as e:  # e.g. a file named samples
                 raise OutputError(e.errno, f"cannot write {rd.samples}: {e.strerror or e}") from e
+            written = 0
             for (seed, a), img in images.items():
-                save_png(img, rd.samples / f"seed{seed}_alpha{a:g}.png", {**common, "seed": seed, "alpha": a})
-            save_png(grid, rd.grid, {**common, "seeds": sorted({k[0] for k in images}),
-                                     "alphas": sorted({k[1] for k in images}), "layout": "rows=seeds, columns=alphas"})
+                stem = sample_stem(seed, a, guidance_scale, steps, ddim_eta, negative_prompt)
+                paths[(seed, a)], new = rd.sample_path(stem, img)
+                if new:
+                    save_png(img, paths[(seed, a)], {**common, "seed": seed, "alpha": a})
+                    written += 1
+            grid_path = rd.new_grid()
+            save_png(grid, grid_path, {**common, "seeds": sorted({k[0] for k in images}),
+                                       "alphas": sorted({k[1] for k in images}), "layout": "rows=seeds, columns=alphas"})
+            rd.log(f"sample: {grid_path.name} (seeds {sorted({k[0] for k in images})}, alphas "
+                   f"{sorted({k[1] for k in images})}, guidance {guidance_scale:g}, {steps} steps, eta {ddim_eta:g}, "
+                   f"negative prompt {negative_prompt!r}); {written} new sample files, {len(images) - written} "
+                   "already there with the same pixels")
+        return paths, grid_path
 
     # --- sanity checks of a checkpoint ---------------------------------------------------------------------------
     def txt2img(self, prompt: str, seeds: Union[int, Sequence[int]] = (0,), guidance_scale: float = 7.5,

@@ -8,20 +8,25 @@
     unet.safetensors               the whole fine-tuned UNet (full mode)
     stage1.resume.pt / stage2.resume.pt   periodic state of an unfinished stage (deleted when it finishes)
     loss_stage1.csv, loss_stage2.csv, losses.png   loss curves
-    samples/seed{S}_alpha{A}.png, grid.png         stage 3 outputs, settings in PNG text metadata
+    samples/seed{S}_alpha{A}_cfg{G}_steps{N}_eta{E}[_neg{H}].png   stage 3 outputs, settings in PNG text metadata
+    grid.png, grid-2.png, ...      one grid per sampling call (rows: seeds, columns: alphas), listed in run.log
     run.log                        what happened, with peak memory per stage
 
 Every file is written atomically. A lock file keeps a second process out while one is working on the run; the
-process that takes the lock removes the temporary files a killed predecessor may have left.
+process that takes the lock removes the temporary files a killed predecessor may have left. Sampling never
+replaces what an earlier call wrote: a sample's name carries every setting that changes its pixels, a name that is
+taken by a different image gets a `-2`, `-3`, ... suffix, and each call's grid takes the next free grid name.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import itertools
 import os
 import platform
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
@@ -71,6 +76,23 @@ class RunDir:
 
     def finetuned(self, mode: str) -> Path:
         return self.lora if mode == "lora" else self.full_unet
+
+    # --- stage 3 outputs: never replace an earlier call's files ----------------------------------------------
+    def new_grid(self) -> Path:
+        """The first free grid name: grid.png for the edit's own sweep, then grid-2.png, grid-3.png, ..."""
+        return next(path for path in self._numbered(self.root, "grid") if not path.exists())
+
+    def sample_path(self, stem: str, image: Image.Image) -> Tuple[Path, bool]:
+        """Where a sample goes and whether to write it: the first of `stem.png`, `stem-2.png`, ... that is free
+        (write) or already holds these very pixels (keep; nothing to write)."""
+        path = next(p for p in self._numbered(self.samples, stem) if not p.exists() or _same_pixels(p, image))
+        return path, not path.exists()
+
+    @staticmethod
+    def _numbered(folder: Path, stem: str):
+        yield folder / f"{stem}.png"
+        for n in itertools.count(2):
+            yield folder / f"{stem}-{n}.png"
 
     # --- lock ---------------------------------------------------------------------------------------------
     def __enter__(self) -> "RunDir":
@@ -143,6 +165,25 @@ class RunDir:
         except (OSError, ValueError, IndexError) as e:  # ValueError: not UTF-8, or not a number
             raise RunError(f"{path}: unreadable loss curve ({' '.join(str(e).split())}); delete it (the results "
                            "stay, the curve is lost) or choose a new --out directory") from None
+
+
+def sample_stem(seed: int, alpha: float, guidance_scale: float, steps: int, ddim_eta: float,
+                negative_prompt: str = "") -> str:
+    """A sample's file name without suffix, from every setting that changes its pixels (the negative prompt as a
+    short hash: it is free text)."""
+    stem = f"seed{seed}_alpha{alpha:g}_cfg{guidance_scale:g}_steps{steps}_eta{ddim_eta:g}"
+    if negative_prompt:
+        stem += "_neg" + hashlib.sha256(negative_prompt.encode("utf-8")).hexdigest()[:8]
+    return stem
+
+
+def _same_pixels(path: Path, image: Image.Image) -> bool:
+    """Whether the PNG at `path` holds exactly `image`'s pixels (an unreadable file does not)."""
+    try:
+        with Image.open(path) as old:
+            return old.size == image.size and old.convert("RGB").tobytes() == image.convert("RGB").tobytes()
+    except (OSError, ValueError, SyntaxError):
+        return False
 
 
 def plot_losses(curves: Dict[str, Sequence[float]], width: int = 640, height: int = 240) -> Image.Image:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -38,7 +39,7 @@ def test_edit_then_sample_again(files, capsys, tmp_path):
     assert code == 0, err
     assert "grid.png" in stdout
     assert (out / "grid.png").is_file() and len(list((out / "samples").glob("*.png"))) == 4
-    meta = read_png_metadata(out / "samples" / "seed1_alpha1.png")
+    meta = read_png_metadata(out / "samples" / "seed1_alpha1_cfg7.5_steps2_eta0.png")
     assert json.loads(meta["seed"]) == 1 and json.loads(meta["alpha"]) == 1.0
     args = json.loads((out / "args.json").read_text())
     assert args["settings"]["embed_steps"] == 3 and len(args["checkpoint_sha256"]) == 64
@@ -46,7 +47,43 @@ def test_edit_then_sample_again(files, capsys, tmp_path):
     code, stdout, err = _run(["sample", "--run", str(out), "--alpha", "0.5", "--seeds", "7", "--steps", "2",
                               "--quiet", "--device", "cpu"], capsys)
     assert code == 0, err
-    assert (out / "samples" / "seed7_alpha0.5.png").is_file()
+    assert (out / "samples" / "seed7_alpha0.5_cfg7.5_steps2_eta0.png").is_file()
+
+
+def _files(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*") if p.is_file() and
+            p.name != ".lock"}
+
+
+def test_sampling_again_never_replaces_earlier_outputs(files, capsys, tmp_path):
+    """An edit, then `imagic sample` with other settings twice: every earlier file is still there, byte for byte;
+    each call has its own grid, named in run.log; a sample with the edit's settings is not written twice."""
+    d, ckpt, img = files
+    out = tmp_path / "run"
+    assert _run(["edit", "--ckpt", str(ckpt), "--image", str(img), "--prompt", "a red square", "--out", str(out),
+                 "--alpha", "0", "1", "--seeds", "0", "1", *STEPS], capsys)[0] == 0
+    after_edit = _files(out)
+    calls = [["--alpha", "1", "--seeds", "0"],  # one cell of the edit's sweep: the same image, already saved
+             ["--alpha", "1", "--seeds", "0", "--guidance-scale", "3", "--ddim-eta", "1", "--negative-prompt", "x"]]
+    snapshots = [after_edit]
+    for extra in calls:
+        code, stdout, err = _run(["sample", "--run", str(out), "--steps", "2", "--quiet", "--device", "cpu",
+                                  *extra], capsys)
+        assert code == 0, err
+        now = _files(out)
+        for earlier in snapshots:
+            kept = {k: v for k, v in earlier.items() if k.name != "run.log"}
+            assert all(now.get(k) == v for k, v in kept.items()), [k for k, v in kept.items() if now.get(k) != v]
+            assert now[Path("run.log")].startswith(earlier[Path("run.log")])  # appended to, never rewritten
+        snapshots.append(now)
+    grids = sorted(p.name for p in out.glob("grid*.png"))
+    assert grids == ["grid-2.png", "grid-3.png", "grid.png"]
+    log = (out / "run.log").read_text()
+    assert all(f"sample: {g} " in log for g in grids)
+    samples = sorted(p.name for p in (out / "samples").iterdir())
+    assert len(samples) == 5  # the edit's 4, the first call's cell already there, one with the other settings
+    negative = [s for s in samples if "_cfg3_" in s]
+    assert negative and "_eta1_neg" in negative[0]
 
 
 def test_train_resumes_and_txt2img_img2img(files, capsys, tmp_path):

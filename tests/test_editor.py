@@ -123,7 +123,8 @@ def test_run_directory_reload_samples_identically(editor, image, tmp_path):
                  rd.loss_csv(2), rd.loss_plot, rd.grid, rd.log_file):
         assert path.is_file(), path
     assert sorted(p.name for p in rd.samples.iterdir()) == \
-        ["seed0_alpha0.png", "seed0_alpha1.png", "seed1_alpha0.png", "seed1_alpha1.png"]
+        [f"seed{s}_alpha{a}_cfg7.5_steps4_eta0.png" for s in (0, 1) for a in (0, 1)]
+    assert sorted(live.paths) == [(s, float(a)) for s in (0, 1) for a in (0, 1)] and live.grid_path == rd.grid
     assert not rd.resume_state(1).exists() and not rd.resume_state(2).exists()
     kohya, _ = load_safetensors(rd.lora)
     assert all(k.startswith("lora_unet_") for k in kohya)
@@ -136,6 +137,9 @@ def test_run_directory_reload_samples_identically(editor, image, tmp_path):
     for key, img in live.images.items():
         assert np.array_equal(np.asarray(img), np.asarray(again.images[key])), key
     assert live.grid.size == again.grid.size
+    # An image does not depend on what else the call samples (decoded one at a time): one cell alone is the same.
+    alone = fresh.sample(fresh.load_run(tmp_path / "run"), alpha=1.0, seeds=[1], steps=4, save=False)
+    assert np.array_equal(np.asarray(alone.images[(1, 1.0)]), np.asarray(live.images[(1, 1.0)]))
 
 
 class _Interrupt(Exception):

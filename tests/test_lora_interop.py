@@ -16,9 +16,10 @@ import torch
 
 from imagic import lora as L
 from imagic import lora_format as LF
+from imagic.assemble import StableDiffusion
 from imagic.editor import Editor
 from imagic.fileio import load_safetensors, save_safetensors
-from imagic.loader import StableDiffusion, load_checkpoint
+from imagic.loader import load_checkpoint
 from tests.helpers import rel_err
 from tests.tiny import write_tiny_checkpoint
 
