@@ -24,9 +24,9 @@ def user_errors() -> tuple:
     from .fileio import OutputError
     from .images import ImageError
     from .rundir import RunError
-    from .training import NumericalError
+    from .training import NumericalError, OutOfMemory
 
-    return (UserError, CheckpointError, ConfigError, ImageError, OutputError, RunError, NumericalError)
+    return (UserError, CheckpointError, ConfigError, ImageError, OutputError, RunError, NumericalError, OutOfMemory)
 
 
 def positive(kind: type, minimum: float = 0, inclusive: bool = False) -> Callable[[str], float]:

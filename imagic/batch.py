@@ -91,8 +91,8 @@ def run_shard(get_editor: Callable[[], Any], edits: Sequence[Edit], out: PathLik
     """Run this process's share of the edits; returns {index: "done" | "skipped" | "failed"}.
 
     `get_editor()` (cached by the caller) is first called for the first unfinished edit, so a restart with
-    nothing left to do does not load the checkpoint. Any exception inside an edit is recorded in its FAILED file and the next edit starts;
-    only an interrupt (KeyboardInterrupt) stops the loop.
+    nothing left to do does not load the checkpoint. Any exception inside an edit is recorded in its FAILED file
+    and the next edit starts; only an interrupt (KeyboardInterrupt) stops the loop.
     """
     out = Path(out)
     status: Dict[int, str] = {}

@@ -41,7 +41,7 @@ from .rundir import RunDir, RunError, library_versions, plot_losses, sample_stem
 from .samplers import initial_latents, sample_ddim, sdedit_start
 from .schedule import NoiseSchedule
 from .tokenizer import clean
-from .training import PRECISIONS, NumericalError, StepCallback, autocast, peak_memory
+from .training import PRECISIONS, NumericalError, StepCallback, autocast, out_of_memory, peak_memory
 from .vae import decode_latents, encode_latents
 
 log = logging.getLogger(__name__)
@@ -277,8 +277,12 @@ class Editor:
 
     def _sample(self, context: Tensor, seeds: Sequence[int], guidance_scale: float, steps: int, ddim_eta: float,
                 negative_prompt: str, start: Optional[Tensor] = None, strength: float = 1.0) -> List[Image.Image]:
-        return self.decode(self.sample_latents(context, seeds, guidance_scale, steps, ddim_eta, negative_prompt,
-                                               start, strength))
+        try:
+            return self.decode(self.sample_latents(context, seeds, guidance_scale, steps, ddim_eta, negative_prompt,
+                                                   start, strength))
+        except torch.cuda.OutOfMemoryError as e:  # already one image at a time: only a smaller footprint helps
+            raise out_of_memory("stage 3: sampling", e, "a trained run is kept; sample again with --precision bf16 "
+                                "or fp16 to need less") from None
 
     def _denoiser(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
         dtype = PRECISIONS[self.precision]
@@ -328,10 +332,11 @@ class Editor:
                     save_png(img, paths[(seed, a)], {**common, "seed": seed, "alpha": a})
                     written += 1
             grid_path = rd.new_grid()
-            save_png(grid, grid_path, {**common, "seeds": sorted({k[0] for k in images}),
-                                       "alphas": sorted({k[1] for k in images}), "layout": "rows=seeds, columns=alphas"})
-            rd.log(f"sample: {grid_path.name} (seeds {sorted({k[0] for k in images})}, alphas "
-                   f"{sorted({k[1] for k in images})}, guidance {guidance_scale:g}, {steps} steps, eta {ddim_eta:g}, "
+            seeds, alphas = sorted({k[0] for k in images}), sorted({k[1] for k in images})
+            layout = {"seeds": seeds, "alphas": alphas, "layout": "rows=seeds, columns=alphas"}
+            save_png(grid, grid_path, {**common, **layout})
+            rd.log(f"sample: {grid_path.name} (seeds {seeds}, alphas {alphas}, guidance {guidance_scale:g}, "
+                   f"{steps} steps, eta {ddim_eta:g}, "
                    f"negative prompt {negative_prompt!r}); {written} new sample files, {len(images) - written} "
                    "already there with the same pixels")
         return paths, grid_path

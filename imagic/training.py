@@ -40,6 +40,20 @@ class NumericalError(RuntimeError):
     """A NaN or Inf loss or gradient. The message names the stage and the step; the last saved state is intact."""
 
 
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory mid-stage. The message (one line) names the stage, the step, the step the run
+    directory keeps, and settings that need less memory."""
+
+
+LESS_MEMORY = "--precision bf16, --finetune lora, --gradient-checkpointing"
+
+
+def out_of_memory(where: str, error: BaseException, then: str) -> OutOfMemory:
+    """An OutOfMemory for `where` with torch's own first line (what was asked for, what was free) and what to do."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return OutOfMemory(f"{where}: out of memory ({detail.rstrip('.')}); {then}")
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str) -> Iterator[None]:
     """Autocast the forward pass to fp16/bf16 (trainable tensors stay fp32); a no-op for fp32."""
@@ -138,6 +152,7 @@ def run_loop(stage: str, params: List[Tensor], loss_fn: Callable[[torch.Generato
         state = _load_resume(resume_path, params, opt, gen)
         log.info("%s: resuming at step %d of %d", stage, state.step, steps)
     bar = tqdm(total=steps, initial=state.step, desc=stage, disable=not progress, dynamic_ncols=True)
+    saved = state.step
     try:
         while state.step < steps:
             opt.zero_grad(set_to_none=True)
@@ -160,8 +175,14 @@ def run_loop(stage: str, params: List[Tensor], loss_fn: Callable[[torch.Generato
                 callback(stage, state.step, value)
             if resume_path is not None and (state.step % save_every == 0 or state.step == steps):
                 _save_resume(resume_path, params, opt, gen, state)
+                saved = state.step
                 if on_save is not None:
                     on_save(state)
+    except torch.cuda.OutOfMemoryError as e:  # since torch 2.5 the class of every device's out-of-memory error
+        kept = ("nothing is saved" if resume_path is None else
+                f"the run directory keeps step {saved}" if saved else "the stage will start over")
+        raise out_of_memory(f"{stage}: step {state.step + 1} of {steps}", e,
+                            f"{kept}; rerun the same command to resume, with {LESS_MEMORY} to need less") from None
     finally:
         bar.close()
     return state

@@ -120,7 +120,7 @@ def with_fallback(op: str, tensors: Sequence[torch.Tensor], triton_fn: Callable[
     """triton_fn(), or, if it raises (see the module docstring), torch_fn() after `disable(op, ...)`."""
     try:
         return triton_fn()
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         raise
     except Exception as error:  # noqa: BLE001 (any failure of the kernel path; the torch path is the spec)
         if _strict_mode():

@@ -125,8 +125,8 @@ def test_backward_only_failure_keeps_the_forward_and_gives_reference_gradients(f
 
 def test_out_of_memory_and_strict_mode_are_not_hidden(failing):
     x = torch.randn(2, 4, 3, 40, device=DEVICE, dtype=DTYPE)
-    failing(torch.OutOfMemoryError("CUDA out of memory"))
-    with kernels.use_triton(True), pytest.raises(torch.OutOfMemoryError):
+    failing(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    with kernels.use_triton(True), pytest.raises(torch.cuda.OutOfMemoryError):
         kernels.layer_norm(x, None, None)  # the torch path needs the memory too: the user must see it
     failing(_errors()["driver"])
     with kernels.use_triton(True, strict=True), pytest.raises(RuntimeError, match="toolchain"):
