@@ -143,6 +143,36 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .config import ModelConfig
+    from .plan import plan
+
+    resolution = args.resolution
+    if args.ckpt:
+        from .loader import inspect_checkpoint
+
+        info = inspect_checkpoint(args.ckpt, config=args.config, probe=False)  # keys and shapes only
+        if info["problems"]:
+            raise UserError(info["problems"][0])
+        model = ModelConfig.from_dict(info["config"])
+        if info["prediction_type"].startswith("unknown") and resolution is None:
+            resolution = 768  # an SD2 file without its yaml: plan for the larger, 768-v size
+            print("imagic: epsilon or v is not known from the shapes alone: planned at 768 px (SD 2.x 768-v); "
+                  "pass --resolution 512 for a 512 base model", file=sys.stderr)
+    else:
+        model = args.family
+    try:
+        p = plan(model, device=args.device, precision=args.precision, finetune=args.finetune,
+                 lora_rank=args.lora_rank, resolution=resolution, gradient_checkpointing=args.gradient_checkpointing,
+                 seeds=args.seeds, alphas=args.alpha, embed_steps=args.embed_steps,
+                 finetune_steps=args.finetune_steps, ddim_steps=args.steps, kernels=args.kernels,
+                 offload=args.offload)
+    except ValueError as e:  # settings the model cannot take (a resolution it cannot divide, ...)
+        raise UserError(str(e)) from None
+    print(json.dumps(p.to_dict(), indent=2) if args.json else p.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imagic", description="Imagic text-based real image editing on Stable Diffusion")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -188,6 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
     i2i.add_argument("--fit", choices=["crop", "pad"], default="crop")
     add_sample_args(i2i)
     i2i.set_defaults(func=cmd_img2img)
+
+    pl = sub.add_parser("plan", help="memory and compute of every stage of an edit, before running it (no weights read)")
+    which = pl.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ckpt", help="SD checkpoint: only its keys and shapes are read")
+    which.add_argument("--family", choices=["sd1", "sd2", "sd2-v"], help="a public model family's preset")
+    pl.add_argument("--config", help="original LDM inference yaml (default: <checkpoint>.yaml if present)")
+    pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where the edit would run")
+    pl.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                    help="frozen weights and autocast precision, as for `imagic edit` (default fp32)")
+    pl.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+                    help="CUDA: our Triton kernels (auto: when Triton is installed here) or the torch paths")
+    pl.add_argument("--resolution", type=positive(int), help="image size in pixels (default: the model's native)")
+    pl.add_argument("--offload", action="store_true",
+                    help="plan for keeping only what each stage runs on the device (not what the editor does yet)")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    add_fit_args(pl)
+    add_sample_args(pl)
+    pl.set_defaults(func=cmd_plan)
 
     add_batch_parser(sub)
     return p
