@@ -14,7 +14,7 @@ Why the renaming is structural and not done by diffusers: diffusers is a test-on
 and a user with a downloaded folder need not have it. The renaming is the inverse of diffusers' own single-file
 converter (`diffusers/loaders/single_file_utils.py: convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
 convert_open_clip_checkpoint`), written the way that converter is: the block loop of `openaimodel.UNetModel`
-(as `lora.transformer_paths` does) gives the module *paths* of each block on both sides; below a block the names
+(as `lora_format.transformer_paths` does) gives the module *paths* of each block on both sides; below a block the names
 are identical except for a few fixed leaf renames (ResBlock `in_layers.0` = `norm1`, ...). It maps paths, never
 single tensors, and tests/test_diffusers_format.py checks it against diffusers' converter on the full-size SD 1.x and
 2.x key sets and numerically on tiny models.

@@ -32,12 +32,12 @@ from PIL import Image
 from torch import Tensor
 
 from .assemble import StableDiffusion
-from .fileio import OutputError, load_safetensors, read_json, save_safetensors, sha256_file
+from .fileio import load_safetensors, read_json, save_safetensors, sha256_file
 from .fitting import (FitSettings, finetune_unet, finetuned_state, finetuned_weights, load_finetuned,
                       optimize_embedding, save_finetuned, trainable)
 from .images import from_pil, load_image, make_grid, save_png, square, to_pil
 from .loader import load_checkpoint
-from .rundir import RunDir, RunError, library_versions, plot_losses, sample_stem
+from .rundir import RunDir, RunError, library_versions, plot_losses
 from .samplers import initial_latents, sample_ddim, sdedit_start
 from .schedule import NoiseSchedule
 from .tokenizer import clean
@@ -306,40 +306,11 @@ class Editor:
                          row_labels=[f"seed {sd}" for sd in seed_list], col_labels=[f"alpha {a:g}" for a in alphas])
         result = SampleResult(images=images, grid=grid, seeds=seed_list, alphas=alphas)
         if save and run.directory is not None:
-            result.paths, result.grid_path = self._save_samples(run, images, grid, guidance_scale, steps, ddim_eta,
-                                                                negative_prompt)
+            settings = {"target_text": run.target_text, "guidance_scale": guidance_scale, "steps": steps,
+                        "ddim_eta": ddim_eta, "negative_prompt": negative_prompt, "finetune": run.settings.finetune}
+            with RunDir(run.directory) as rd:  # a concurrent fit or sample is refused
+                result.paths, result.grid_path = rd.save_samples(images, grid, settings)
         return result
-
-    def _save_samples(self, run: Run, images: Dict[Tuple[int, float], Image.Image], grid: Image.Image,
-                      guidance_scale: float, steps: int, ddim_eta: float,
-                      negative_prompt: str) -> Tuple[Dict[Tuple[int, float], Path], Path]:
-        """Write the samples and this call's grid without replacing anything an earlier call wrote
-        (`RunDir.sample_path`, `RunDir.new_grid`), and say in run.log what was written."""
-        common = {"target_text": run.target_text, "guidance_scale": guidance_scale, "steps": steps,
-                  "ddim_eta": ddim_eta, "negative_prompt": negative_prompt, "finetune": run.settings.finetune,
-                  "sampler": "DDIM", "software": f"imagic {library_versions()['imagic']}"}
-        paths: Dict[Tuple[int, float], Path] = {}
-        with RunDir(run.directory) as rd:  # type: ignore[arg-type]  # a concurrent fit or sample is refused
-            try:
-                rd.samples.mkdir(parents=True, exist_ok=True)
-            except OSError as e:  # e.g. a file named samples
-                raise OutputError(e.errno, f"cannot write {rd.samples}: {e.strerror or e}") from e
-            written = 0
-            for (seed, a), img in images.items():
-                stem = sample_stem(seed, a, guidance_scale, steps, ddim_eta, negative_prompt)
-                paths[(seed, a)], new = rd.sample_path(stem, img)
-                if new:
-                    save_png(img, paths[(seed, a)], {**common, "seed": seed, "alpha": a})
-                    written += 1
-            grid_path = rd.new_grid()
-            seeds, alphas = sorted({k[0] for k in images}), sorted({k[1] for k in images})
-            layout = {"seeds": seeds, "alphas": alphas, "layout": "rows=seeds, columns=alphas"}
-            save_png(grid, grid_path, {**common, **layout})
-            rd.log(f"sample: {grid_path.name} (seeds {seeds}, alphas {alphas}, guidance {guidance_scale:g}, "
-                   f"{steps} steps, eta {ddim_eta:g}, "
-                   f"negative prompt {negative_prompt!r}); {written} new sample files, {len(images) - written} "
-                   "already there with the same pixels")
-        return paths, grid_path
 
     # --- sanity checks of a checkpoint ---------------------------------------------------------------------------
     def txt2img(self, prompt: str, seeds: Union[int, Sequence[int]] = (0,), guidance_scale: float = 7.5,

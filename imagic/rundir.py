@@ -88,6 +88,34 @@ class RunDir:
         path = next(p for p in self._numbered(self.samples, stem) if not p.exists() or _same_pixels(p, image))
         return path, not path.exists()
 
+    def save_samples(self, images: Dict[Tuple[int, float], Image.Image], grid: Image.Image,
+                     settings: Dict[str, Any]) -> Tuple[Dict[Tuple[int, float], Path], Path]:
+        """Write one sampling call's images ((seed, alpha) -> image) and grid, `settings` (guidance_scale, steps,
+        ddim_eta, negative_prompt, ...) in their PNG metadata, without replacing anything an earlier call wrote;
+        say in run.log what was written. Hold the lock (`with RunDir(...)`) around it."""
+        from . import __version__
+        from .images import save_png
+
+        common = {**settings, "sampler": "DDIM", "software": f"imagic {__version__}"}
+        try:
+            self.samples.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # e.g. a file named samples
+            raise OutputError(e.errno, f"cannot write {self.samples}: {e.strerror or e}") from e
+        paths: Dict[Tuple[int, float], Path] = {}
+        for (seed, a), img in images.items():
+            stem = sample_stem(seed, a, settings["guidance_scale"], settings["steps"], settings["ddim_eta"],
+                               settings["negative_prompt"])
+            paths[(seed, a)], new = self.sample_path(stem, img)
+            if new:
+                save_png(img, paths[(seed, a)], {**common, "seed": seed, "alpha": a})
+        grid_path = self.new_grid()
+        seeds, alphas = sorted({k[0] for k in images}), sorted({k[1] for k in images})
+        save_png(grid, grid_path, {**common, "seeds": seeds, "alphas": alphas, "layout": "rows=seeds, columns=alphas"})
+        self.log(f"sample: {grid_path.name} (seeds {seeds}, alphas {alphas}, guidance {settings['guidance_scale']:g}, "
+                 f"{settings['steps']} steps, eta {settings['ddim_eta']:g}, negative prompt "
+                 f"{settings['negative_prompt']!r}); samples: {', '.join(sorted(p.name for p in paths.values()))}")
+        return paths, grid_path
+
     @staticmethod
     def _numbered(folder: Path, stem: str):
         yield folder / f"{stem}.png"
