@@ -1,8 +1,8 @@
-"""The data-parallel part of the shapes model's recipe (weights/shapes/train.py): two gloo processes that average
-their gradients take the step one process takes on the whole batch."""
+"""The shapes model's recipe (weights/shapes/train.py and the train_*.py files beside it): two gloo processes that
+average their gradients take the step one process takes on the whole batch; the loss weights, timestep sampler,
+compact vocabulary and architecture options; the defaults, resuming, and workers that exit with their launcher."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -12,17 +12,24 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-TRAIN_PY = Path(__file__).resolve().parents[1] / "weights" / "shapes" / "train.py"
+from imagic import shapes as S
+from imagic.schedule import NoiseSchedule
+from imagic.unet import UNetModel
+from imagic.vae import AutoencoderKL
 
+SHAPES = Path(__file__).resolve().parents[1] / "weights" / "shapes"
+TRAIN_PY = SHAPES / "train.py"
+# The recipe is scripts, not a package: train.py and its parts import each other from their folder, the first entry
+# of sys.path when train.py runs. Appended (not prepended) here, so it shadows nothing installed.
+if str(SHAPES) not in sys.path:
+    sys.path.append(str(SHAPES))
 
-def load_train():
-    """weights/shapes/train.py is a script, not a package module: import it by path (once per process)."""
-    if "shapes_train" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("shapes_train", TRAIN_PY)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["shapes_train"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["shapes_train"]
+import train as train_cli  # noqa: E402  (weights/shapes/train.py)
+import train_data  # noqa: E402
+import train_outputs  # noqa: E402
+import train_parallel  # noqa: E402
+import train_recipe  # noqa: E402
+import train_stages  # noqa: E402
 
 
 class Tiny(torch.nn.Module):
@@ -55,10 +62,9 @@ def loss_of(model: torch.nn.Module, x: torch.Tensor, ids: torch.Tensor, y: torch
 
 
 def worker(rank: int, store: str, out: str) -> None:
-    train = load_train()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=Path(store).as_uri(), rank=rank, world_size=2)
-    group = train.Group(rank, 2)
+    group = train_parallel.Group(rank, 2)
     model = tiny_model()
     part = group.share(8, "batch")
     loss_of(model, *(v[rank * part:(rank + 1) * part] for v in batch())).backward()
@@ -86,8 +92,7 @@ def test_two_processes_average_to_the_full_batch_gradient(tmp_path):
 
 
 def test_a_single_process_group_changes_nothing():
-    train = load_train()
-    group = train.Group()
+    group = train_parallel.Group()
     model = tiny_model()
     loss_of(model, *batch()).backward()
     grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
@@ -98,40 +103,38 @@ def test_a_single_process_group_changes_nothing():
 
 
 def test_a_batch_that_does_not_split_is_refused_clearly():
-    train = load_train()
-    assert train.Group(1, 2).share(32, "--batch") == 16
+    assert train_parallel.Group(1, 2).share(32, "--batch") == 16
     with pytest.raises(SystemExit, match="--batch 33 does not split over 2 processes"):
-        train.Group(0, 2).share(33, "--batch")
+        train_parallel.Group(0, 2).share(33, "--batch")
 
 
 def shapes_schedule():
-    train = load_train()
-    return train, train.NoiseSchedule.from_config(train.model_config())
+    return NoiseSchedule.from_config(train_recipe.model_config())
 
 
 def test_importance_sampled_timesteps_keep_the_min_snr_objective():
     """E[weight * f(t)] is the same for both samplers (the Min-SNR objective) for any per-timestep loss f; the
     importance sampler's weights are constant, so the t-part of its variance is gone."""
-    train, schedule = shapes_schedule()
-    w = train.min_snr_weight(schedule, torch.arange(schedule.num_timesteps), 5.0)
+    schedule = shapes_schedule()
+    w = train_recipe.min_snr_weight(schedule, torch.arange(schedule.num_timesteps), 5.0)
     f = torch.linspace(2.0, 0.1, schedule.num_timesteps) ** 2  # a per-timestep loss, large at low noise
     exact = float((w * f).mean())
     n = 400_000
     for mode in ("importance", "uniform"):
-        t, weight = train.timestep_sampler(schedule, 5.0, mode)(n, torch.Generator().manual_seed(0))
+        t, weight = train_recipe.timestep_sampler(schedule, 5.0, mode)(n, torch.Generator().manual_seed(0))
         values = weight * f[t]
         error = float(values.std()) / n ** 0.5
         assert abs(float(values.mean()) - exact) < 4 * error, mode
-    t, weight = train.timestep_sampler(schedule, 5.0, "importance")(n, torch.Generator().manual_seed(1))
+    t, weight = train_recipe.timestep_sampler(schedule, 5.0, "importance")(n, torch.Generator().manual_seed(1))
     assert torch.all(weight == w.mean())
-    _, uniform_weight = train.timestep_sampler(schedule, 5.0, "uniform")(n, torch.Generator().manual_seed(1))
+    _, uniform_weight = train_recipe.timestep_sampler(schedule, 5.0, "uniform")(n, torch.Generator().manual_seed(1))
     assert float(uniform_weight.var()) > 0.05  # what importance sampling removes
 
 
 def test_importance_sampling_draws_timesteps_in_proportion_to_their_weight():
-    train, schedule = shapes_schedule()
-    w = train.min_snr_weight(schedule, torch.arange(schedule.num_timesteps), 5.0)
-    t, _ = train.timestep_sampler(schedule, 5.0, "importance")(200_000, torch.Generator().manual_seed(0))
+    schedule = shapes_schedule()
+    w = train_recipe.min_snr_weight(schedule, torch.arange(schedule.num_timesteps), 5.0)
+    t, _ = train_recipe.timestep_sampler(schedule, 5.0, "importance")(200_000, torch.Generator().manual_seed(0))
     seen = torch.bincount(t // 100, minlength=10).double() / len(t)
     expected = (w / w.sum()).reshape(10, 100).sum(dim=1).double()
     assert torch.allclose(seen, expected, atol=0.005)
@@ -140,9 +143,9 @@ def test_importance_sampling_draws_timesteps_in_proportion_to_their_weight():
 
 
 def test_an_unknown_timestep_sampling_is_refused():
-    train, schedule = shapes_schedule()
+    schedule = shapes_schedule()
     with pytest.raises(ValueError, match="unknown timestep sampling"):
-        train.timestep_sampler(schedule, 5.0, "logit-normal")
+        train_recipe.timestep_sampler(schedule, 5.0, "logit-normal")
 
 
 @pytest.mark.parametrize("prediction, floor", [("v", 0.0), ("epsilon", 0.0), ("v", 0.3)])
@@ -152,9 +155,8 @@ def test_min_snr_weights_match_diffusers(prediction, floor):
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
-    train = load_train()
-    cfg = train.model_config(prediction=prediction)
-    schedule = train.NoiseSchedule.from_config(cfg)
+    cfg = train_recipe.model_config(prediction=prediction)
+    schedule = NoiseSchedule.from_config(cfg)
     reference = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=cfg.linear_end,
                               beta_schedule="scaled_linear",
                               prediction_type="v_prediction" if prediction == "v" else "epsilon")
@@ -162,19 +164,20 @@ def test_min_snr_weights_match_diffusers(prediction, floor):
     snr = compute_snr(reference, t)
     expected = torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1 if prediction == "v" else snr)
     expected = torch.maximum(expected, torch.full_like(expected, floor))  # --weight-floor
-    torch.testing.assert_close(train.min_snr_weight(schedule, t, 5.0, floor), expected, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(train_recipe.min_snr_weight(schedule, t, 5.0, floor), expected, rtol=1e-4, atol=1e-7)
 
 
 def test_a_weight_floor_raises_only_the_weights_below_it():
     """`--weight-floor`: Min-SNR weights under the floor become the floor (the high-noise end of the v weights),
     the others stay; the importance sampler then draws the noisy end in proportion to the floor."""
-    train, schedule = shapes_schedule()
+    schedule = shapes_schedule()
     t = torch.arange(schedule.num_timesteps)
-    plain, floored = train.min_snr_weight(schedule, t, 5.0), train.min_snr_weight(schedule, t, 5.0, floor=0.3)
+    plain, floored = (train_recipe.min_snr_weight(schedule, t, 5.0),
+                      train_recipe.min_snr_weight(schedule, t, 5.0, floor=0.3))
     low = plain < 0.3
     assert 0.4 < float(low.double().mean()) < 0.7 and bool(low[-1]) and not bool(low[200])
     assert torch.all(floored[low] == 0.3) and torch.equal(floored[~low], plain[~low])
-    draw = train.timestep_sampler(schedule, 5.0, "importance", floor=0.3)
+    draw = train_recipe.timestep_sampler(schedule, 5.0, "importance", floor=0.3)
     draws, _ = draw(200_000, torch.Generator().manual_seed(0))
     expected = float(floored[800:].sum() / floored.sum())
     assert abs(float((draws >= 800).double().mean()) - expected) < 0.005 and expected > 0.1
@@ -189,19 +192,18 @@ def test_a_short_context_fixed_heads_and_an_f8_latent_round_trip_through_the_loa
     from imagic.export import save_checkpoint
     from imagic.clip import build_text_encoder
 
-    train = load_train()
-    cfg = train.model_config(head_channels=16, context_length=16, vae_ch_mult=(1, 2, 2, 2), latent_channels=16,
-                             unet_ch_mult=(1, 2, 2))
+    cfg = train_recipe.model_config(head_channels=16, context_length=16, vae_ch_mult=(1, 2, 2, 2),
+                                    latent_channels=16, unet_ch_mult=(1, 2, 2))
     torch.manual_seed(0)
-    unet, vae, text = train.UNetModel(cfg.unet), train.AutoencoderKL(cfg.vae), build_text_encoder(cfg.text)
+    unet, vae, text = UNetModel(cfg.unet), AutoencoderKL(cfg.vae), build_text_encoder(cfg.text)
     model = load_checkpoint(save_checkpoint(tmp_path / "m.safetensors", unet, vae, text, cfg))
     assert model.config.text.context_length == 16 and model.config.unet.num_head_channels == 16
     assert model.config.unet.channel_mult == (1, 2, 2)
     assert (model.config.latent_size, model.config.vae.downsample_factor, model.config.unet.in_channels) == (8, 8, 16)
-    ids = model.tokenizer([train.S.caption("star", "yellow", "black")])
+    ids = model.tokenizer([S.caption("star", "yellow", "black")])
     assert ids.shape == (1, 16)
     torch.testing.assert_close(model.text_encoder(ids), text.eval()(ids))
-    x = train.images_tensor([train.S.scene_for_seed(0)])
+    x = train_data.images_tensor([S.scene_for_seed(0)])
     z = model.vae.encode(x).mean
     assert z.shape == (1, 16, 8, 8)
     torch.testing.assert_close(model.vae.decode(z), vae.eval().decode(vae.encode(x).mean))
@@ -216,9 +218,8 @@ def test_the_default_recipe_is_the_one_that_made_the_shipped_file():
     import json
     from imagic.config import from_ldm_yaml
 
-    train = load_train()
-    defaults = train.parser().parse_args([])
-    built, shipped = train.args_config(defaults), from_ldm_yaml(TRAIN_PY.parent / "shapes.yaml")
+    defaults = train_cli.parser().parse_args([])
+    built, shipped = train_recipe.args_config(defaults), from_ldm_yaml(TRAIN_PY.parent / "shapes.yaml")
     assert (built.unet, built.vae, built.text) == (shipped.unet, shipped.vae, shipped.text)
     assert (built.prediction_type, built.linear_end) == (shipped.prediction_type, shipped.linear_end)
     recorded = json.loads((TRAIN_PY.parent / "train_summary.json").read_text())["args"]
@@ -237,18 +238,17 @@ def test_a_compact_vocabulary_trains_what_the_full_table_trains(kind):
     from imagic.clip import build_text_encoder
     from imagic.tokenizer import Tokenizer
 
-    train = load_train()
-    cfg = replace(train.model_config().text, kind=kind)
+    cfg = replace(train_recipe.model_config().text, kind=kind)
     tokenizer = Tokenizer.for_text_config(cfg)
-    ids = tokenizer(train.world_captions()[::15] + [""])
+    ids = tokenizer(train_data.world_captions()[::15] + [""])
     torch.manual_seed(0)
     full = build_text_encoder(cfg)
     compact = copy.deepcopy(full)
-    vocab = train.CompactVocabulary(compact, tokenizer(train.world_captions() + [""]))
+    vocab = train_recipe.CompactVocabulary(compact, tokenizer(train_data.world_captions() + [""]))
     target = torch.randn(len(ids), cfg.context_length, cfg.width, generator=torch.Generator().manual_seed(1))
     for model, inputs in ((full, ids), (compact, vocab.remap(ids))):
         params = list(model.parameters())
-        opt = train.adamw(params, 1e-2)
+        opt = train_recipe.adamw(params, 1e-2)
         for _ in range(5):
             opt.zero_grad(set_to_none=True)
             (model(inputs) - target).pow(2).mean().backward()
@@ -268,23 +268,21 @@ def test_a_compact_vocabulary_trains_what_the_full_table_trains(kind):
 def test_gradient_l1_is_zero_for_equal_images_and_counts_a_softened_edge():
     """The autoencoder's `--edge-weight` term, against numpy's differences: a step edge blurred over three pixels
     has the same pixel means as the sharp one but a measurable difference in its gradients."""
-    train = load_train()
     sharp = torch.zeros(1, 1, 4, 8)
     sharp[..., 4:] = 1.0
     soft = sharp.clone()
     soft[..., 3], soft[..., 4] = 1 / 3, 2 / 3
-    assert train.gradient_l1(sharp, sharp).item() == 0.0
+    assert train_recipe.gradient_l1(sharp, sharp).item() == 0.0
     a, b = sharp.numpy(), soft.numpy()
     expected = sum(np.abs(np.diff(b, axis=ax) - np.diff(a, axis=ax)).mean() for ax in (-1, -2))
-    assert train.gradient_l1(soft, sharp).item() == pytest.approx(expected) and expected > 0.05
+    assert train_recipe.gradient_l1(soft, sharp).item() == pytest.approx(expected) and expected > 0.05
 
 
 def test_img2img_from_a_low_strength_keeps_shapes_that_a_high_one_loses():
     """`img2img_shape_kept`, the diagnostic of weights/shapes/README.md, on the shipped model: from strength 0.1
     img2img keeps the shape of most held-out non-circles (measured: 14/16), from 0.85 it draws mostly blobs (3/16).
     16 scenes, not 8 as until stop 23: the shipped model keeps 6 of the first 8, exactly the bar."""
-    train = load_train()
-    kept = train.img2img_shape_kept(TRAIN_PY.parent / "shapes.safetensors", [0.1, 0.85], n=16)
+    kept = train_outputs.img2img_shape_kept(TRAIN_PY.parent / "shapes.safetensors", [0.1, 0.85], n=16)
     assert set(kept) == {0.1, 0.85}
     assert kept[0.1] >= 0.75 and kept[0.85] <= kept[0.1] - 0.25, kept
 
@@ -294,19 +292,19 @@ def test_an_interrupted_run_reuses_only_an_autoencoder_trained_with_the_same_set
     saved with the same deciding arguments; a missing file, an older file without settings, or another seed
     train it again."""
     import argparse
-    train = load_train()
     args = argparse.Namespace(seed=0, procs=2, vae_steps=1100, vae_crop_steps=600, vae_batch=16, vae_lr=1e-3,
                               kl_weight=1e-8, edge_weight=0.0, vae_ch_mult=(1, 2, 2), latent_channels=4,
                               unet_steps=4000)
-    vae_file, group = tmp_path / "vae.pt", train.Group()
-    assert not train.vae_done(vae_file, args, group)
+    vae_file, group = tmp_path / "vae.pt", train_parallel.Group()
+    assert not train_stages.vae_done(vae_file, args, group)
     torch.save({"vae": {}, "scale_factor": 1.0, "rows": []}, vae_file)
-    assert not train.vae_done(vae_file, args, group)
-    torch.save({"vae": {}, "scale_factor": 1.0, "rows": [], "settings": train.vae_settings(args)}, vae_file)
-    assert train.vae_done(vae_file, args, group)
-    assert train.vae_done(vae_file, argparse.Namespace(**{**vars(args), "unet_steps": 10}), group)
-    assert not train.vae_done(vae_file, argparse.Namespace(**{**vars(args), "seed": 1}), group)
-    assert not train.vae_done(vae_file, argparse.Namespace(**{**vars(args), "vae_ch_mult": (1, 2, 2, 2)}), group)
+    assert not train_stages.vae_done(vae_file, args, group)
+    torch.save({"vae": {}, "scale_factor": 1.0, "rows": [], "settings": train_stages.vae_settings(args)}, vae_file)
+    assert train_stages.vae_done(vae_file, args, group)
+    assert train_stages.vae_done(vae_file, argparse.Namespace(**{**vars(args), "unet_steps": 10}), group)
+    assert not train_stages.vae_done(vae_file, argparse.Namespace(**{**vars(args), "seed": 1}), group)
+    f8 = argparse.Namespace(**{**vars(args), "vae_ch_mult": (1, 2, 2, 2)})
+    assert not train_stages.vae_done(vae_file, f8, group)
 
 
 def _workers_of(launcher: int) -> list:
