@@ -10,7 +10,8 @@ without memory (`imagic.plan` counts what they allocate). Two things a real devi
   precision; on CUDA also upsampling, norms, `exp`/`pow`/reductions and the losses in fp32 (on the CPU only the
   losses). Like autocast, a cast of an fp32 leaf that requires grad (LoRA or full fine-tuning weights) is cached
   until the outermost region ends. The backward pass recomputes checkpointed blocks under the forward's autocast
-  state (torch.utils.checkpoint restores it), so casting stays on while autograd runs a backward.
+  state (torch.utils.checkpoint restores it), so casting stays on while autograd runs a backward; run it with
+  `AsOnDevice.backward(loss)` (see there why not `loss.backward()`).
 - **Attention backend.** `F.scaled_dot_product_attention` on `meta` takes the math path, which stores the
   Lq x Lk probabilities. A real device takes a fused kernel that never does: on the CPU
   `_scaled_dot_product_flash_attention_for_cpu` (saves out and logsumexp), on CUDA flash attention for fp16/bf16
@@ -26,6 +27,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Set
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.graph import _engine_run_backward
 from torch.overrides import TorchFunctionMode
 
 _LOWER: Set[Callable] = {
@@ -98,6 +100,17 @@ class AsOnDevice(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             return self._attention(*args, **kwargs)
         return func(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()` for a scalar loss, with this mode on inside autograd's engine, where checkpointed
+        blocks are recomputed and must be cast and routed as in the forward. Call it inside `with mode:`.
+
+        Not `loss.backward()`: Tensor.backward and torch.autograd.backward first hand the call to the active
+        mode, which is off while it handles a call, and the engine runs every node under the mode stack it found
+        when called: an empty one. So the engine is called directly (torch's own entry point, private but what
+        torch.autograd.backward calls after its checks)."""
+        _engine_run_backward((loss,), (torch.ones_like(loss),), False, False, (), allow_unreachable=True,
+                             accumulate_grad=True)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                    dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
