@@ -18,15 +18,18 @@ class UserError(Exception):
 
 
 def user_errors() -> tuple:
-    """The exception types that mean 'the input is bad', not 'the program is broken'."""
+    """The exception types that end a command with one line: the input is bad, or the run cannot go on here (out
+    of memory, will not fit), not 'the program is broken'."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .fileio import OutputError
+    from .fit_check import WontFit
     from .images import ImageError
     from .rundir import RunError
     from .training import NumericalError, OutOfMemory
 
-    return (UserError, CheckpointError, ConfigError, ImageError, OutputError, RunError, NumericalError, OutOfMemory)
+    return (UserError, CheckpointError, ConfigError, ImageError, OutputError, RunError, NumericalError, OutOfMemory,
+            WontFit)
 
 
 def positive(kind: type, minimum: float = 0, inclusive: bool = False) -> Callable[[str], float]:
@@ -63,6 +66,8 @@ def add_model_args(p: argparse.ArgumentParser, ckpt_required: bool = True) -> No
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
                    help="fused Triton kernels (auto: on CUDA when Triton is installed) or the torch path")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true",
+                   help="run even when the plan says it will not fit the GPU's free memory (see `imagic plan`)")
 
 
 def add_fit_args(p: argparse.ArgumentParser) -> None:

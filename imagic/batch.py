@@ -70,9 +70,10 @@ def run_edit(editor, edit: Edit, directory: Path, s: BatchSettings) -> Dict[str,
     """Fit (resuming), sample, measure; returns what DONE records."""
     fit, sample = _split(edit, s)
     start = time.time()
-    run = editor.fit(edit.image, edit.target_text, out=directory, **fit)
+    run = editor.fit(edit.image, edit.target_text, out=directory, force=s.force, **fit)
     result = editor.sample(run, alpha=sample.alpha, seeds=sample.seeds, guidance_scale=sample.guidance_scale,
-                           steps=sample.steps, ddim_eta=sample.ddim_eta, negative_prompt=sample.negative_prompt)
+                           steps=sample.steps, ddim_eta=sample.ddim_eta, negative_prompt=sample.negative_prompt,
+                           force=s.force)
     rows = [{"seed": seed, "alpha": a, **s.metrics(img, run.input_image, edit.target_text)}
             for (seed, a), img in sorted(result.images.items())]
     names = ["seed", "alpha"] + s.metrics.names
@@ -230,7 +231,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         fit = {f.name: getattr(args, f.name) for f in dataclasses.fields(FitSettings)}
         sample = SampleSettings(alpha=args.alpha, seeds=args.seeds, guidance_scale=args.guidance_scale,
                                 steps=args.steps, ddim_eta=args.ddim_eta, negative_prompt=args.negative_prompt)
-        settings = BatchSettings(fit=fit, sample=sample, metrics=metrics, thumb_size=args.thumb_size)
+        settings = BatchSettings(fit=fit, sample=sample, metrics=metrics, thumb_size=args.thumb_size,
+                                 force=args.force)
 
         @functools.lru_cache(maxsize=None)
         def editor():  # `imagic edit`'s own loader, on this process's device

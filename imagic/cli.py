@@ -62,7 +62,7 @@ def _train(args: argparse.Namespace):
     settings = dict(embed_steps=args.embed_steps, embed_lr=args.embed_lr, finetune=args.finetune,
                     finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, lora_rank=args.lora_rank,
                     lora_alpha=args.lora_alpha, seed=args.seed, fit=args.fit, save_every=args.save_every)
-    run = editor.fit(args.image, args.prompt, out=args.out, **settings)
+    run = editor.fit(args.image, args.prompt, out=args.out, force=args.force, **settings)
     print(f"trained: {run.directory} (stage 1 loss {_last(run.losses['stage1'])}, "
           f"stage 2 loss {_last(run.losses['stage2'])})")
     return editor, run
@@ -74,7 +74,8 @@ def _last(values: List[float]) -> str:
 
 def _sample(editor, run, args: argparse.Namespace) -> None:
     result = editor.sample(run, alpha=args.alpha, seeds=args.seeds, guidance_scale=args.guidance_scale,
-                           steps=args.steps, ddim_eta=args.ddim_eta, negative_prompt=args.negative_prompt)
+                           steps=args.steps, ddim_eta=args.ddim_eta, negative_prompt=args.negative_prompt,
+                           force=args.force)
     print(f"wrote {len(result.images)} samples to {run.directory / 'samples'} and the grid {result.grid_path}"
           " (rows: seeds, columns: alphas)")
 

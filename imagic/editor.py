@@ -31,12 +31,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from . import fit_check
 from .assemble import StableDiffusion
 from .fileio import load_safetensors, read_json, save_safetensors, sha256_file
 from .fitting import (FitSettings, finetune_unet, finetuned_state, finetuned_weights, load_finetuned,
                       optimize_embedding, save_finetuned, trainable)
 from .images import from_pil, load_image, make_grid, save_png, square, to_pil
 from .loader import load_checkpoint
+from .plan import Plan, plan
 from .rundir import RunDir, RunError, library_versions, plot_losses
 from .samplers import initial_latents, sample_ddim, sdedit_start
 from .schedule import NoiseSchedule
@@ -98,6 +100,7 @@ class Editor:
         self.text_encoder = model.text_encoder.to(self.device, dtype).requires_grad_(False)
         self.vae = model.vae.to(self.device).requires_grad_(False)
         self.unet.set_gradient_checkpointing(gradient_checkpointing)
+        self.gradient_checkpointing = gradient_checkpointing
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], config=None, device: Union[str, torch.device, None] = None,
@@ -140,13 +143,27 @@ class Editor:
                 for z in latents]
 
     # --- stages 1 and 2 ---------------------------------------------------------------------------------------
+    def plan(self, **settings) -> Plan:
+        """Memory and compute of an edit on this editor's model, device, precision and kernels (`imagic.plan`;
+        sampling runs one image at a time here, so its batch is 1 and its steps are per image)."""
+        defaults = dict(device=self.device.type, precision=self.precision, kernels=fit_check.kernels_setting(),
+                        gradient_checkpointing=self.gradient_checkpointing, seeds=1, alphas=1)
+        return plan(self.config, **{**defaults, **settings})
+
+    def _check_memory(self, stages: Sequence[str], **settings) -> None:
+        if fit_check.device_memory(self.device) is not None:  # a GPU: plan (seconds) and compare with its memory
+            fit_check.check(self.plan(**settings), stages, self.device, lambda o: self.plan(**{**settings, **o}))
+
     def fit(self, image: ImageLike, target_text: str, out: Union[str, Path, None] = None,
-            callback: Optional[StepCallback] = None, **settings) -> Run:
+            callback: Optional[StepCallback] = None, force: bool = False, **settings) -> Run:
         """Stages 1 and 2. With `out`, everything goes to that run directory and an existing one is resumed:
-        finished stages are skipped and an interrupted stage continues from its last saved step."""
+        finished stages are skipped and an interrupted stage continues from its last saved step. On a GPU the
+        plan is checked against its free memory first (fit_check.WontFit); `force=True` skips that."""
         s = FitSettings(**settings)
         if not target_text or not clean(target_text):
             raise ValueError("the target text is empty (or nothing but spaces and control characters)")
+        if not force:
+            self._check_memory(("stage1", "stage2", "vae_encode"), finetune=s.finetune, lora_rank=s.lora_rank)
         pil = self.prepare_image(image, s.fit)
         rd = RunDir(out) if out is not None else None
         with rd if rd is not None else contextlib.nullcontext():
@@ -290,9 +307,14 @@ class Editor:
 
     def sample(self, run: Run, alpha: Union[float, Sequence[float]] = (0.6, 0.7, 0.8, 0.9, 1.0),
                seeds: Union[int, Sequence[int]] = (0,), guidance_scale: float = 7.5, steps: int = 50,
-               ddim_eta: float = 0.0, negative_prompt: str = "", save: bool = True) -> SampleResult:
+               ddim_eta: float = 0.0, negative_prompt: str = "", save: bool = True,
+               force: bool = False) -> SampleResult:
         """Stage 3: for each alpha, e = alpha * e_tgt + (1 - alpha) * e_opt (paper eq. 4), sampled with the
-        fine-tuned model. Saves samples and the grid into the run directory when there is one."""
+        fine-tuned model. Saves samples and the grid into the run directory when there is one. On a GPU the plan
+        is checked against its free memory first unless `force`."""
+        if not force:
+            self._check_memory(("sample", "vae_decode"), finetune=run.settings.finetune,
+                               lora_rank=run.settings.lora_rank)
         alphas = [float(alpha)] if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
         seed_list = [int(seeds)] if isinstance(seeds, int) else [int(x) for x in seeds]
         images: Dict[Tuple[int, float], Image.Image] = {}

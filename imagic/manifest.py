@@ -131,9 +131,11 @@ def shard(n: int, rank: int, world_size: int) -> List[int]:
 
 @dataclass
 class BatchSettings:
-    """The command line's defaults for every edit, the metrics to compute and the contact sheet size."""
+    """The command line's defaults for every edit, the metrics to compute, the contact sheet size, and whether
+    to run when the plan says an edit will not fit the GPU (`--force`)."""
 
     fit: Dict[str, Any]
     sample: SampleSettings
     metrics: EditMetrics = field(default_factory=EditMetrics)
     thumb_size: int = 128
+    force: bool = False
