@@ -9,15 +9,20 @@
   `ln_final`, `text_projection`, `logit_scale`); ldm's `FrozenOpenCLIPEmbedder.encode_with_transformer` (layer
   "penultimate") stops one block before the end, then applies `ln_final`.
 
+- SDXL has one of each (sgm/modules/encoders/modules.py, `conditioner.embedders.{0,1}`, see imagic/sdxl.py):
+  CLIP ViT-L/14 with layer "hidden", layer_idx 11 (HF `hidden_states[11]`) and OpenCLIP ViT-bigG/14 with layer
+  "penultimate", legacy False, whose `encode` also gives the pooled vector; both leave out the final norm
+  (`TextConfig.final_norm` False).
+
 Both are pre-norm transformers with causal self-attention over 77 tokens; they differ in names, fused q/k/v,
 activation (QuickGELU vs GELU: `TextConfig.act`) and the default layer. `clip_skip` follows the AUTOMATIC1111
 convention for both: 1 = last layer, 2 = penultimate, k = the hidden state k-1 layers from the end; the final
-norm is applied in every case.
+norm is applied in every case unless `final_norm` is off.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -138,11 +143,16 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = LayerNorm(cfg.width, eps=LN_EPS)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: Optional[int] = None) -> torch.Tensor:
+    def hidden_state(self, input_ids: torch.Tensor, layers: int) -> torch.Tensor:
+        """The output of the first `layers` layers, without the final norm (HF `hidden_states[layers]`)."""
         x = self.embeddings(input_ids).to(self.final_layer_norm.weight.dtype)
-        for layer in self.encoder.layers[:layers_to_run(self.cfg, clip_skip)]:
+        for layer in self.encoder.layers[:layers]:
             x = layer(x)
-        return self.final_layer_norm(x)
+        return x
+
+    def forward(self, input_ids: torch.Tensor, clip_skip: Optional[int] = None) -> torch.Tensor:
+        x = self.hidden_state(input_ids, layers_to_run(self.cfg, clip_skip))
+        return self.final_layer_norm(x) if self.cfg.final_norm else x
 
 
 class OpenAICLIPTextModel(nn.Module):
@@ -168,7 +178,8 @@ class OpenAICLIPTextModel(nn.Module):
     def pooled(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, width) end-of-text features of the last layer (HF's pooler_output). SD1 files hold no
         text_projection, so these are not in CLIP's joint image-text space."""
-        return eot_features(self.text_model(input_ids, clip_skip=1), input_ids)
+        last = self.text_model.hidden_state(input_ids, self.cfg.layers)
+        return eot_features(self.text_model.final_layer_norm(last), input_ids)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,17 +261,31 @@ class OpenCLIPTextModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, clip_skip: Optional[int] = None) -> torch.Tensor:
         """(B, 77) ids -> (B, 77, width) conditioning for the UNet's cross-attention."""
-        x = self.token_embedding(input_ids) + self.positional_embedding[:input_ids.shape[1]]
-        x = x.to(self.dtype)
+        x = self._embed(input_ids)
         for block in self.transformer.resblocks[:layers_to_run(self.cfg, clip_skip)]:
             x = block(x)
-        return self.ln_final(x)
+        return self.ln_final(x) if self.cfg.final_norm else x
+
+    def encode(self, input_ids: torch.Tensor, clip_skip: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(forward(input_ids, clip_skip), pooled(input_ids)) in one pass: the layers after the chosen one go on
+        from its output (SDXL's FrozenOpenCLIPEmbedder2 with always_return_pooled)."""
+        x = self._embed(input_ids)
+        n = layers_to_run(self.cfg, clip_skip)
+        for block in self.transformer.resblocks[:n]:
+            x = block(x)
+        context = self.ln_final(x) if self.cfg.final_norm else x
+        for block in self.transformer.resblocks[n:]:
+            x = block(x)
+        return context, eot_features(self.ln_final(x), input_ids) @ self.text_projection.to(x.dtype)
 
     def pooled(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, projection_dim) CLIP text features: end-of-text token of the last layer, `@ text_projection`
-        (OpenCLIP's encode_text, before normalisation)."""
-        x = eot_features(self.forward(input_ids, clip_skip=1), input_ids)
-        return x @ self.text_projection.to(x.dtype)
+        """(B, projection_dim) CLIP text features: end-of-text token of the last layer after ln_final,
+        `@ text_projection` (OpenCLIP's encode_text before normalisation; SDXL's pooled vector)."""
+        return self.encode(input_ids)[1]
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(input_ids) + self.positional_embedding[:input_ids.shape[1]]
+        return x.to(self.dtype)
 
 
 def build_text_encoder(cfg: TextConfig) -> nn.Module:

@@ -3,7 +3,8 @@
 The original Stable Diffusion inference yamls (e.g. `v1-inference.yaml`, `v2-inference-v.yaml`) describe a
 `LatentDiffusion` whose `unet_config`, `first_stage_config` and `cond_stage_config` give every size. We keep the
 same names so a yaml maps onto these dataclasses one to one (`ModelConfig.from_ldm_yaml`), and presets for the
-public checkpoints (`preset("sd1")`, `preset("sd2")`, `preset("sd2-v")`).
+public checkpoints (`preset("sd1")`, `preset("sd2")`, `preset("sd2-v")`, `preset("sdxl")`). SDXL's yaml
+(`sd_xl_base.yaml`, a DiffusionEngine) is translated to this layout by config_sdxl.py.
 """
 from __future__ import annotations
 
@@ -17,14 +18,13 @@ from typing import Any, Dict, Literal, Optional, Tuple, Union
 
 import yaml
 
-from .config_check import ConfigError, validate
+from . import config_sdxl as sdxl
+from .config_check import ConfigError, build, validate
+# TextConfig and the token ids live in config_text and are imported from here too (tokenizer, clip, tests).
+from .config_text import BIGG, EOT_TOKEN, SDXL_CLIP_L, SOT_TOKEN, VIT_H, TextConfig, cond_for, text_from_cond
 
-Family = Literal["sd1", "sd2", "sd2-v", "custom"]
+Family = Literal["sd1", "sd2", "sd2-v", "sdxl", "custom"]
 PredictionType = Literal["epsilon", "v"]
-
-# The SD tokenizers: OpenAI CLIP (SD1) pads with the end-of-text token, OpenCLIP (SD2) pads with 0.
-SOT_TOKEN = 49406
-EOT_TOKEN = 49407
 
 
 @dataclass
@@ -39,10 +39,23 @@ class UNetConfig:
     channel_mult: Tuple[int, ...] = (1, 2, 4, 4)
     num_heads: int = 8  # -1 when num_head_channels fixes the head size instead (SD2)
     num_head_channels: int = -1
-    transformer_depth: int = 1
+    transformer_depth: Union[int, Tuple[int, ...]] = 1  # one depth for all levels, or one per level (SDXL)
     context_dim: int = 768
     use_linear_in_transformer: bool = False
     use_checkpoint: bool = False  # gradient checkpointing of ResBlocks and transformer blocks
+    num_classes: Optional[Literal["sequential"]] = None  # "sequential": a vector `y` enters via label_emb (SDXL)
+    adm_in_channels: Optional[int] = None  # the width of `y` (SDXL: 2816)
+
+    def depth_at(self, level: int) -> int:
+        """Transformer depth at a level of channel_mult; -1 (the last level's) is the middle block's (sgm
+        openaimodel.py UNetModel: `transformer_depth_middle = transformer_depth[-1]`)."""
+        depth = self.transformer_depth
+        if isinstance(depth, int):
+            return depth
+        if len(depth) != len(self.channel_mult):
+            raise ValueError(f"transformer_depth {list(depth)} needs one depth per level of channel_mult "
+                             f"{list(self.channel_mult)}")
+        return depth[level]
 
     def heads_for(self, channels: int) -> Tuple[int, int]:
         """(heads, head_dim) of an attention layer with `channels` channels, as UNetModel.__init__ decides."""
@@ -78,31 +91,6 @@ class VAEConfig:
 
 
 @dataclass
-class TextConfig:
-    """A CLIP text transformer. `kind` picks the checkpoint naming and details:
-
-    - "openai": SD1's `FrozenCLIPEmbedder` (Hugging Face CLIPTextModel names, QuickGELU, last layer, pad 49407);
-    - "openclip": SD2's `FrozenOpenCLIPEmbedder` (OpenCLIP names, GELU, penultimate layer then ln_final, pad 0).
-    """
-
-    kind: Literal["openai", "openclip"] = "openai"
-    vocab_size: int = 49408
-    width: int = 768
-    layers: int = 12
-    heads: int = 12
-    mlp_width: int = 3072
-    context_length: int = 77
-    projection_dim: int = 768  # OpenCLIP's text_projection output size (stored in SD2 files, unused by SD)
-    act: Literal["quick_gelu", "gelu"] = "quick_gelu"
-    layer: Literal["last", "penultimate"] = "last"
-    has_text_model_prefix: bool = True  # newer SD1 files store `transformer.text_model.*`, older `transformer.*`
-
-    @property
-    def pad_token(self) -> int:
-        return EOT_TOKEN if self.kind == "openai" else 0
-
-
-@dataclass
 class ModelConfig:
     """A whole latent diffusion model: its parts, noise schedule and how its UNet output is parameterised."""
 
@@ -116,10 +104,17 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    text2: Optional[TextConfig] = None  # SDXL's second tower (OpenCLIP bigG: context and pooled vector)
 
     @property
     def latent_size(self) -> int:
         return self.image_size // self.vae.downsample_factor
+
+    @property
+    def size_embed_dim(self) -> int:
+        """SDXL: the width each of the six size/crop numbers is embedded to in `y` (pooled vector first)."""
+        assert self.text2 is not None and self.unet.adm_in_channels is not None, "not an SDXL config"
+        return (self.unet.adm_in_channels - self.text2.projection_dim) // (2 * len(sdxl.SIZE_KEYS))
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,11 +122,11 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ModelConfig":
         d = dict(d)
-        parts = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig}
+        parts = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig, "text2": TextConfig}
         for name, klass in parts.items():
-            if name in d:
-                d[name] = _build(klass, d[name])
-        return _build(cls, d)
+            if d.get(name) is not None:
+                d[name] = build(klass, d[name])
+        return build(cls, d)
 
     @classmethod
     def from_ldm_yaml(cls, source: Union[str, Path, Dict[str, Any]]) -> "ModelConfig":
@@ -139,22 +134,9 @@ class ModelConfig:
         return from_ldm_yaml(source)
 
 
-def _tuple_fields(klass: type) -> set:
-    return {f.name for f in dataclasses.fields(klass) if "Tuple" in str(f.type)}
-
-
-def _build(klass: type, values: Dict[str, Any]) -> Any:
-    """Construct a dataclass from a dict, turning lists into tuples; unknown keys are an error."""
-    names = {f.name for f in dataclasses.fields(klass)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown {klass.__name__} fields: {', '.join(unknown)}")
-    tuples = _tuple_fields(klass)
-    return klass(**{k: tuple(v) if k in tuples and v is not None else v for k, v in values.items()})
-
-
 def preset(name: str) -> ModelConfig:
-    """The configurations of the public checkpoints: "sd1" (v1.x), "sd2" (2.x base 512), "sd2-v" (2.x 768-v)."""
+    """The configurations of the public checkpoints: "sd1" (v1.x), "sd2" (2.x base 512), "sd2-v" (2.x 768-v),
+    "sdxl" (SDXL base 1.0: sd_xl_base.yaml's sizes)."""
     if name == "sd1":
         return ModelConfig()
     if name in ("sd2", "sd2-v"):
@@ -164,10 +146,17 @@ def preset(name: str) -> ModelConfig:
             prediction_type="v" if v else "epsilon",
             image_size=768 if v else 512,
             unet=UNetConfig(num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
-            text=TextConfig(kind="openclip", width=1024, layers=24, heads=16, mlp_width=4096,
-                            projection_dim=1024, act="gelu", layer="penultimate"),
+            text=TextConfig(**VIT_H),  # type: ignore[arg-type]
         )
-    raise ValueError(f"unknown preset {name!r}; choose sd1, sd2 or sd2-v")
+    if name == "sdxl":
+        return ModelConfig(
+            family="sdxl", scale_factor=0.13025, image_size=sdxl.SDXL_IMAGE_SIZE,
+            unet=UNetConfig(attention_resolutions=(4, 2), channel_mult=(1, 2, 4), num_heads=-1, num_head_channels=64,
+                            transformer_depth=(1, 2, 10), context_dim=2048, use_linear_in_transformer=True,
+                            num_classes="sequential", adm_in_channels=2816),
+            text=TextConfig(**SDXL_CLIP_L), text2=TextConfig(**BIGG),  # type: ignore[arg-type]
+        )
+    raise ValueError(f"unknown preset {name!r}; choose sd1, sd2, sd2-v or sdxl")
 
 
 def _read_yaml(source: Union[str, Path]) -> Any:
@@ -192,44 +181,53 @@ def from_ldm_yaml(source: Union[str, Path, Dict[str, Any]]) -> ModelConfig:
     """
     doc = source if isinstance(source, dict) else _read_yaml(source)
     try:
-        cfg = _from_ldm_doc(doc)
+        cfg = validate(_from_ldm_doc(doc))
+        cfg.unet.depth_at(0)  # ValueError unless a per-level transformer_depth has one depth per level
     except ConfigError:
         raise
     except (KeyError, TypeError, AttributeError, ValueError, IndexError, OverflowError) as e:
         what = f"missing {e}" if isinstance(e, KeyError) else " ".join(str(e).split())
         raise ConfigError(f"not an LDM inference config: {what}") from None
-    return validate(cfg)
+    return cfg
 
 
 def _from_ldm_doc(doc: Any) -> ModelConfig:
     """The mapping itself; a malformed document fails here with KeyError, TypeError, ... (see from_ldm_yaml)."""
+    if sdxl.is_sgm(doc):
+        doc = sdxl.to_ldm_layout(doc)
     params = doc["model"]["params"]
     unet_p = dict(params["unet_config"]["params"])
     first = params["first_stage_config"]["params"]
     cond = params["cond_stage_config"]
     if unet_p.get("use_spatial_transformer", True) is False:
         raise ConfigError("UNets without a spatial transformer (use_spatial_transformer: False) are not supported")
-    if unet_p.get("num_classes") is not None or unet_p.get("adm_in_channels") is not None:
-        raise ConfigError("class-conditioned / SDXL-style UNets (num_classes, adm_in_channels) are not supported")
+    sdxl_cond = str(cond.get("target", "")).endswith("GeneralConditioner")
+    if unet_p.get("num_classes") != ("sequential" if sdxl_cond else None):
+        raise ConfigError(f"num_classes {reprlib.repr(unet_p.get('num_classes'))} is not supported (SDXL's "
+                          "sequential with its conditioner, none otherwise)")
+    if unet_p.get("num_classes") is None:
+        unet_p.pop("adm_in_channels", None)  # the original UNetModel ignores it then
+    elif unet_p.get("adm_in_channels") is None:
+        raise ConfigError("num_classes: sequential needs adm_in_channels (the width of the vector y)")
 
-    unet = _build(UNetConfig, {k: v for k, v in unet_p.items() if k in _UNET_YAML_KEYS})
+    unet = build(UNetConfig, {k: v for k, v in unet_p.items() if k in _UNET_YAML_KEYS})
     if unet_p.get("num_head_channels", -1) != -1 and "num_heads" not in unet_p:
         unet.num_heads = -1  # SD2 yamls give only num_head_channels
     if isinstance(unet_p.get("context_dim"), (list, tuple)):
         unet.context_dim = int(unet_p["context_dim"][0])
-    if isinstance(unet_p.get("transformer_depth"), (list, tuple)):
-        raise ConfigError("per-level transformer_depth (SDXL) is not supported")
     dd = dict(first.get("ddconfig", {}))
-    vae = _build(VAEConfig, {"embed_dim": first.get("embed_dim", 4),
+    vae = build(VAEConfig, {"embed_dim": first.get("embed_dim", 4),
                              **{k: v for k, v in dd.items() if k in _VAE_YAML_KEYS}})
-    text = _text_from_cond(cond, unet.context_dim)
+    text, text2 = _text_towers(cond, unet)
     parameterization = params.get("parameterization", "eps")
     prediction: PredictionType = "v" if parameterization == "v" else "epsilon"
     if parameterization not in ("eps", "v"):
         raise ConfigError(f"parameterization {reprlib.repr(parameterization)} is not supported (eps or v)")
     image_size = int(params.get("image_size", 64)) * vae.downsample_factor
     family: Family = "custom"
-    if text.kind == "openai":
+    if text2 is not None:
+        family = "sdxl"
+    elif text.kind == "openai":
         family = "sd1"
     elif text.kind == "openclip":
         family = "sd2-v" if prediction == "v" else "sd2"
@@ -237,7 +235,7 @@ def _from_ldm_doc(doc: Any) -> ModelConfig:
         family=family, prediction_type=prediction, scale_factor=float(params.get("scale_factor", 0.18215)),
         image_size=image_size, timesteps=int(params.get("timesteps", 1000)),
         linear_start=float(params.get("linear_start", 0.00085)), linear_end=float(params.get("linear_end", 0.012)),
-        unet=unet, vae=vae, text=text,
+        unet=unet, vae=vae, text=text, text2=text2,
     )
 
 
@@ -245,45 +243,39 @@ _UNET_YAML_KEYS = {f.name for f in dataclasses.fields(UNetConfig)}
 _VAE_YAML_KEYS = {f.name for f in dataclasses.fields(VAEConfig)} - {"embed_dim"}
 
 
-def _text_from_cond(cond: Dict[str, Any], context_dim: int) -> TextConfig:
-    """cond_stage_config -> TextConfig. Target class names are those of the original repos."""
-    target = str(cond.get("target", ""))
-    p = cond.get("params") or {}
-    if target.endswith("FrozenCLIPEmbedder"):
-        t = TextConfig(kind="openai")
-        t.layer = "penultimate" if p.get("layer") == "penultimate" else "last"
-    elif target.endswith("FrozenOpenCLIPEmbedder"):
-        t = preset("sd2").text
-        t.layer = "last" if p.get("layer") == "last" else "penultimate"
-    elif target.endswith("ImagicTextEncoder"):  # our own small models (weights/shapes) spell every size out
-        t = _build(TextConfig, dict(p))
+def _text_towers(cond: Dict[str, Any], unet: UNetConfig) -> Tuple[TextConfig, Optional[TextConfig]]:
+    """cond_stage_config -> (text, text2): SD 1.x/2.x have one tower; SDXL's conditioner two, whose contexts
+    are concatenated (sgm GeneralConditioner) and whose second one's pooled vector starts `y`."""
+    if not str(cond.get("target", "")).endswith("GeneralConditioner"):
+        text = text_from_cond(cond)
+        widths: Tuple[int, ...] = (text.width,)
+        text2 = None
     else:
-        raise ConfigError(f"text encoder {reprlib.repr(target) if target else '(none)'} is not supported "
-                          "(FrozenCLIPEmbedder for SD1, FrozenOpenCLIPEmbedder for SD2)")
-    if t.width != context_dim:
-        raise ConfigError(f"text width {reprlib.repr(t.width)} does not match the UNet's context_dim "
-                          f"{reprlib.repr(context_dim)}")
-    return t
+        first, second, size_dim = sdxl.text_towers(cond)
+        text, text2 = text_from_cond(first), text_from_cond(second)
+        widths = (text.width, text2.width)
+        if text2.kind != "openclip":  # its pooled vector is OpenCLIP's projected end-of-text features
+            raise ConfigError("the second text tower of an SDXL conditioner must be an OpenCLIP one")
+        y = text2.projection_dim + 2 * len(sdxl.SIZE_KEYS) * size_dim
+        if unet.adm_in_channels != y:
+            raise ConfigError(f"adm_in_channels {reprlib.repr(unet.adm_in_channels)} is not the pooled "
+                              f"{text2.projection_dim} + 6 size embeddings of {size_dim} = {y}")
+    if sum(widths) != unet.context_dim:
+        raise ConfigError(f"text width {' + '.join(map(str, widths))} does not match the UNet's context_dim "
+                          f"{reprlib.repr(unet.context_dim)}")
+    return text, text2
 
 
 def to_ldm_yaml(cfg: ModelConfig) -> Dict[str, Any]:
     """The inverse of from_ldm_yaml, for configs we write next to checkpoints we produce."""
     # Like the original yamls, leave out the head setting that is not used (-1): diffusers reads num_heads: -1
-    # as attention_head_dim -1.
+    # as attention_head_dim -1. SD 1.x/2.x yamls have no num_classes / adm_in_channels (None).
     unet = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg.unet).items()
-            if not (k in ("num_heads", "num_head_channels") and v == -1)}
+            if not (k in ("num_heads", "num_head_channels") and v == -1) and v is not None}
     unet["image_size"] = cfg.latent_size
     vae = dataclasses.asdict(cfg.vae)
     dd = {k: list(v) if isinstance(v, tuple) else v for k, v in vae.items() if k != "embed_dim"}
-    if cfg.text.kind == "openai" and cfg.text == TextConfig(kind="openai", layer=cfg.text.layer,
-                                                             has_text_model_prefix=cfg.text.has_text_model_prefix):
-        cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "params": {"layer": cfg.text.layer}}
-    elif cfg.text.kind == "openclip" and cfg.text.width == 1024 and cfg.text.layers == 24:
-        cond = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-                "params": {"arch": "ViT-H-14", "layer": cfg.text.layer, "freeze": True}}
-    else:
-        cond = {"target": "imagic.clip.ImagicTextEncoder", "params": dataclasses.asdict(cfg.text)}
-    return {"model": {
+    doc = {"model": {
         "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
         "params": {
             "parameterization": "v" if cfg.prediction_type == "v" else "eps",
@@ -294,15 +286,18 @@ def to_ldm_yaml(cfg: ModelConfig) -> Dict[str, Any]:
             "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL",
                                    "params": {"embed_dim": cfg.vae.embed_dim, "ddconfig": dd,
                                               "lossconfig": {"target": "torch.nn.Identity"}}},
-            "cond_stage_config": cond,
+            "cond_stage_config": cond_for(cfg.text),
         },
     }}
+    if cfg.text2 is None:
+        return doc
+    return sdxl.to_sgm_layout(doc, (cond_for(cfg.text, sgm=True), cond_for(cfg.text2, sgm=True)), cfg.size_embed_dim)
 
 
 def describe(cfg: Optional[ModelConfig]) -> str:
     """One line for logs and `imagic inspect`."""
     if cfg is None:
         return "(no config)"
+    texts = " + ".join(f"{t.kind} {t.width}w/{t.layers}L" for t in (cfg.text, cfg.text2) if t is not None)
     return (f"{cfg.family} ({cfg.prediction_type}-prediction, {cfg.image_size}px, "
-            f"unet {cfg.unet.model_channels}ch x {list(cfg.unet.channel_mult)}, text {cfg.text.kind} "
-            f"{cfg.text.width}w/{cfg.text.layers}L)")
+            f"unet {cfg.unet.model_channels}ch x {list(cfg.unet.channel_mult)}, text {texts})")

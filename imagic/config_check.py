@@ -7,7 +7,7 @@ import dataclasses
 import math
 import reprlib
 import typing
-from typing import Any, Literal, TypeVar
+from typing import Any, Dict, Literal, TypeVar, Union
 
 C = TypeVar("C")
 
@@ -16,12 +16,26 @@ class ConfigError(ValueError):
     """An LDM yaml that does not describe a model we can build."""
 
 
+def build(klass: Any, values: Dict[str, Any]) -> Any:
+    """Construct a config dataclass from a dict, turning lists into tuples; unknown keys are an error."""
+    names = {f.name for f in dataclasses.fields(klass)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {klass.__name__} fields: {', '.join(unknown)}")
+    tuples = {f.name for f in dataclasses.fields(klass) if "Tuple" in str(f.type)}
+    # Only lists: an int stays an int (transformer_depth takes either); validate() judges what is left.
+    return klass(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in values.items()})
+
+
 def validate(cfg: C) -> C:
     """Return `cfg` if every field of it and of its parts has its annotated type and every size is a positive
     integer; raise ConfigError otherwise. For configs made from data rather than code: yamls, the shapes of a
     checkpoint's tensors, diffusers config.json files."""
-    for part in (cfg, cfg.unet, cfg.vae, cfg.text):  # type: ignore[attr-defined]
-        _check_fields(part)
+    _check_fields(cfg)
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        part = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(part):  # unet, vae, text and, for SDXL, text2
+            _check_fields(part)
     return cfg
 
 
@@ -47,6 +61,10 @@ def _check_fields(obj: Any) -> None:
 
 def _has_type(value: Any, hint: Any, name: str) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:  # Optional[X] and "an int or a tuple" (per-level transformer_depth)
+        return any(_has_type(value, a, name) for a in args)
+    if hint is type(None):
+        return value is None
     if origin is Literal:
         return value in args
     if origin is tuple:
@@ -63,6 +81,10 @@ def _has_type(value: Any, hint: Any, name: str) -> bool:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
     if typing.get_origin(hint) is Literal:
         return "choice: one of " + ", ".join(map(repr, typing.get_args(hint)))
     if typing.get_origin(hint) is tuple:

@@ -1,9 +1,11 @@
-"""The Stable Diffusion UNet: a port of ldm/modules/diffusionmodules/openaimodel.py `UNetModel`.
+"""The Stable Diffusion UNet: a port of ldm/modules/diffusionmodules/openaimodel.py `UNetModel` and of its SDXL
+version, sgm/modules/diffusionmodules/openaimodel.py (Stability-AI/generative-models).
 
-Only what SD 1.x/2.x use is kept (2-D, conv resampling, no scale-shift norm, no class labels, spatial transformers
-at `attention_resolutions`), but the blocks are built by the original loop so every attribute name and
-`nn.Sequential` index equals the checkpoint keys under `model.diffusion_model.`:
-`time_embed.{0,2}`, `input_blocks.N.M`, `middle_block.{0,1,2}`, `output_blocks.N.M`, `out.{0,2}`.
+Only what SD 1.x/2.x and SDXL use is kept (2-D, conv resampling, no scale-shift norm, spatial transformers at
+`attention_resolutions` with one depth or one per level, SDXL's vector conditioning `y` through `label_emb`), but
+the blocks are built by the original loop so every attribute name and `nn.Sequential` index equals the checkpoint
+keys under `model.diffusion_model.`: `time_embed.{0,2}`, `label_emb.0.{0,2}`, `input_blocks.N.M`,
+`middle_block.{0,1,2}`, `output_blocks.N.M`, `out.{0,2}`.
 Parameter-free layers (SiLU, Dropout) stay at their indices so the numbers line up, even where the forward fuses
 a SiLU into the preceding GroupNorm (`kernels.group_norm(..., silu=True)`, numerically the same).
 """
@@ -108,7 +110,7 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """Noise (or velocity) prediction network eps_theta(x_t, t, context) of Stable Diffusion 1.x/2.x."""
+    """Noise (or velocity) prediction network eps_theta(x_t, t, context[, y]) of Stable Diffusion 1.x/2.x/XL."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -117,6 +119,12 @@ class UNetModel(nn.Module):
         time_embed_dim = mc * 4
         self.time_embed = nn.Sequential(
             nn.Linear(mc, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim))
+        if cfg.num_classes is not None:
+            if cfg.num_classes != "sequential" or cfg.adm_in_channels is None:
+                raise ValueError("a vector-conditioned UNet needs num_classes 'sequential' and adm_in_channels")
+            # SDXL's y embedding; the nesting is sgm's, hence the keys label_emb.0.0 and label_emb.0.2.
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(cfg.adm_in_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)))
 
         def res(ch_in: int, ch_out: int) -> ResBlock:
             return ResBlock(ch_in, time_embed_dim, ch_out, use_checkpoint=cfg.use_checkpoint)
@@ -130,7 +138,7 @@ class UNetModel(nn.Module):
                 layers: List[nn.Module] = [res(ch, mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(self._transformer(ch))
+                    layers.append(self._transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 input_block_chans.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -138,7 +146,7 @@ class UNetModel(nn.Module):
                 input_block_chans.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(res(ch, ch), self._transformer(ch), res(ch, ch))
+        self.middle_block = TimestepEmbedSequential(res(ch, ch), self._transformer(ch, -1), res(ch, ch))
 
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(cfg.channel_mult))[::-1]:
@@ -146,7 +154,7 @@ class UNetModel(nn.Module):
                 layers = [res(ch + input_block_chans.pop(), mc * mult)]
                 ch = mc * mult
                 if ds in cfg.attention_resolutions:
-                    layers.append(self._transformer(ch))
+                    layers.append(self._transformer(ch, level))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -155,9 +163,9 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))
 
-    def _transformer(self, ch: int) -> SpatialTransformer:
+    def _transformer(self, ch: int, level: int) -> SpatialTransformer:
         heads, dim_head = self.cfg.heads_for(ch)
-        return SpatialTransformer(ch, heads, dim_head, depth=self.cfg.transformer_depth,
+        return SpatialTransformer(ch, heads, dim_head, depth=self.cfg.depth_at(level),
                                   context_dim=self.cfg.context_dim,
                                   use_linear=self.cfg.use_linear_in_transformer,
                                   use_checkpoint=self.cfg.use_checkpoint)
@@ -171,13 +179,19 @@ class UNetModel(nn.Module):
             elif isinstance(m, BasicTransformerBlock):
                 m.checkpoint = enabled
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: (N, in_channels, H, W) latents; timesteps: (N,) or a scalar; context: (N, L, context_dim)."""
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (N, in_channels, H, W) latents; timesteps: (N,) or a scalar; context: (N, L, context_dim);
+        y: (N, adm_in_channels), given exactly when the UNet has `label_emb` (SDXL: see imagic.sdxl)."""
+        if (y is None) != (self.cfg.num_classes is None):  # the original asserts the same
+            raise ValueError("y must be given exactly when the UNet is vector-conditioned (num_classes set)")
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         # The sinusoid is computed in fp32 and then takes the model's dtype (fp16/bf16 weights) as diffusers does.
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y.to(x.dtype))
         hs = []
         h = x
         for module in self.input_blocks:
