@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_args(i2i)
     i2i.set_defaults(func=cmd_img2img)
 
-    pl = sub.add_parser("plan", help="memory and compute of every stage of an edit, before running it (no weights read)")
+    pl = sub.add_parser("plan", help="memory and compute of every stage of an edit, before it runs (reads no weights)")
     which = pl.add_mutually_exclusive_group(required=True)
     which.add_argument("--ckpt", help="SD checkpoint: only its keys and shapes are read")
     which.add_argument("--family", choices=["sd1", "sd2", "sd2-v"], help="a public model family's preset")

@@ -6,8 +6,8 @@
 
 For each stage (`plan_steps`: stage1, stage2, sample, vae_encode, vae_decode) the models are built on the `meta`
 device from a config (no weights are read), the stage's step runs as benchmarks/imagic_step.py runs it, and a
-storage-tracking dispatch mode (`plan_memory.StorageTracker`) counts the bytes alive after every op while torch's
-FlopCounterMode counts the FLOPs. The peak splits into frozen weights, trainable tensors with their gradients
+storage-tracking dispatch mode (`plan_memory.StorageTracker`) counts the bytes alive after every op while
+FlopCounterMode's table counts the FLOPs (`plan_steps.FlopCount`). The peak splits into frozen weights, trainable tensors with their gradients
 and Adam state, and activations/workspace. `held` adds what the Editor keeps on the device meanwhile: the models
 the stage does not run (the text encoder and VAE during UNet stages, the UNet and text encoder during VAE stages)
 and the copies it takes to restore the base UNet afterwards (`fitting.trainable` clones the whole UNet for full
@@ -17,19 +17,23 @@ On CUDA attention is our Triton flash kernel (it saves q, k, v, the output and t
 scores), counted by running under `kernels.launch.recording` for an sm_80 GPU, where the kernels allocate what
 they allocate on a GPU and record their launches instead of running; on the CPU it is the CPU SDPA kernel.
 
-Checked against measurement (tests/test_plan.py on small models; benchmarks/plan_check.py at SD1.5 size): on the
-CPU the plan's peak is the accounting of benchmarks/imagic_step.py, bytes resident before the step plus the
-highest net allocation torch.profiler sees during it. Three methods disagreed on one SD1.5 256² fp32 stage-1
-step (issue 31): the profiler said 0.36 GiB during the step, resident memory (RSS) grew 0.5-0.6 GiB, a
-storage-tracking dispatch mode 1.37 GiB. The profiler and a correct storage tracker agree: run on the real CPU
-tensors, StorageTracker gives the profiler's figure within a few MB (the kernels' internal workspaces, which it
-cannot see), and so does this plan on meta tensors (0.361 GiB). A tracker reads high when it keys live memory by
-tensor instead of by storage (every view, `.detach()` and the aliases autograd saves counted again) or never
-sees frees (weak references on Python tensor objects miss storages that only autograd's saved copies keep).
-RSS is neither: it counts pages, not tensors. glibc keeps freed chunks below its mmap threshold in its arenas for
-reuse instead of returning them (RSS stays at the high-water mark of the heap, fragmentation included), and the
-first step also faults in one-off memory no tensor holds (oneDNN's primitive and weight caches, code pages,
-autograd's graph nodes, the profiler's own buffers), while a tensor allocated but not yet written adds no pages.
+Checked against measurement (tests/test_plan.py on small models; benchmarks/plan_check.py at SD1.5 size, table in
+benchmarks/results/plan_check_cpu.md): on the CPU the plan's peak is the accounting of benchmarks/imagic_step.py,
+bytes resident before the step plus the highest net allocation torch.profiler sees during it; at SD1.5 256² fp32
+the two agree to 0.1% for the UNet stages (sampling 1.8% and the VAE 6% under it: workspace the convolutions
+allocate and free inside one op, which no tensor holds).
+
+Which measurement is right. Issue 31 saw three disagree on one SD1.5 256² fp32 stage-1 step: the profiler said
+0.36 GiB during the step, resident memory (RSS) grew 0.5-0.6 GiB, a storage-tracking dispatch mode said 1.37 GiB.
+The profiler is right, and an independent method agrees: StorageTracker run on the real tensors gives 0.361 GiB,
+as does the plan. The 1.37 GiB is that tracker without the tensors resident before the step registered:
+nn.Linear's weight reaches the ops as a view (weight.t() inside aten.linear), so each weight's storage looks
+newly allocated and never dies; 1.006 GiB of Linear weights + 0.361 = 1.367 GiB, reproduced in plan_check.py.
+RSS counts pages, not tensors: glibc keeps freed chunks in its heaps for reuse (before the full fine-tuning row
+the process held 5.02 GiB for 3.51 GiB of live tensors, and malloc_trim(0) gave 0.78 GiB back), and the first
+step also touches memory no tensor holds (autograd's graph, oneDNN's caches, code pages), so RSS grew 0.59 GiB
+for 0.36 GiB of tensors. (FlopCounterMode is kept apart from memory measurements: under gradient checkpointing it
+keeps recomputed tensors alive, see `plan_steps`.)
 """
 from __future__ import annotations
 
@@ -223,8 +227,10 @@ def _seconds(s: float) -> str:
 def _grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
     """Left-aligned first column, right-aligned numbers."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return [fmt(header), *[fmt(r) for r in rows]]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return [line(header), *[line(r) for r in rows]]
 
 
 def format_plan(p: Plan) -> str:
