@@ -25,6 +25,7 @@ class StableDiffusion:
     config: ModelConfig
     evidence: List[str] = field(default_factory=list)
     path: Optional[Path] = None
+    tokenizer2: Any = None  # SDXL: the second (OpenCLIP bigG) tower's tokenizer; `text_encoder` holds both towers
 
     def __repr__(self) -> str:
         return f"StableDiffusion({describe(self.config)}, from {self.path})"

@@ -20,7 +20,9 @@ from .fileio import save_safetensors, save_torch, write_text
 def ldm_state_dict(unet: nn.Module, vae: Optional[nn.Module], text_encoder: Optional[nn.Module],
                    cfg: ModelConfig, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
     """Our modules' state dicts under the original prefixes (model.diffusion_model., first_stage_model., ...)."""
-    text_prefix = D.TEXT_OPENCLIP if cfg.text.kind == "openclip" else D.TEXT_OPENAI
+    # SDXL: `text_encoder` is an imagic.sdxl.Conditioner, whose names are the file's under `conditioner.`
+    text_prefix = D.CONDITIONER if cfg.text2 is not None else D.TEXT_OPENCLIP if cfg.text.kind == "openclip" \
+        else D.TEXT_OPENAI
     sd: Dict[str, torch.Tensor] = {}
     for prefix, module in ((D.UNET, unet), (D.VAE, vae), (text_prefix, text_encoder)):
         if module is None:

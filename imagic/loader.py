@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -44,7 +44,10 @@ def _resolve_config(path: Path, config: ConfigLike, evidence: List[str]) -> Opti
 
 
 def _text_prefix(sd: StateDict, cfg: ModelConfig) -> tuple:
-    """(file prefix, prefix our module expects). Older SD1 files lack `text_model.`; we add it back."""
+    """(file prefix, prefix our module expects). Older SD1 files lack `text_model.`; we add it back. SDXL's
+    two towers load together as imagic.sdxl.Conditioner, whose names are the file's under `conditioner.`."""
+    if cfg.text2 is not None:
+        return D.CONDITIONER, ""
     if cfg.text.kind == "openclip":
         return D.TEXT_OPENCLIP, ""
     has_tm = any(k.startswith(D.TEXT_OPENAI + "text_model.") for k in sd)
@@ -93,10 +96,21 @@ def _probe_prediction(unet: nn.Module, cfg: ModelConfig, evidence: List[str]) ->
                     f"({'<' if is_v else '>='} -1, the A1111 test); pass the yaml to override")
 
 
+def _text_factory(cfg: ModelConfig) -> Callable[[], nn.Module]:
+    """The text encoder to build: SD 1.x/2.x's one tower, or SDXL's Conditioner holding both."""
+    from .clip import build_text_encoder
+    from .sdxl import Conditioner
+
+    return (lambda: Conditioner(cfg)) if cfg.text2 is not None else (lambda: build_text_encoder(cfg.text))
+
+
 def load_checkpoint(path: PathLike, config: ConfigLike = None, dtype: torch.dtype = torch.float32,
                     device: Union[str, torch.device] = "cpu", use_ema: bool = False,
                     vae_dtype: torch.dtype = torch.float32) -> StableDiffusion:
-    """Load a single-file SD 1.x / 2.x checkpoint (`.safetensors` or `.ckpt`).
+    """Load a single-file SD 1.x / 2.x / XL checkpoint (`.safetensors` or `.ckpt`).
+
+    For SDXL, `.text_encoder` is an imagic.sdxl.Conditioner (both towers; `(ids, ids2) -> (context, pooled)`)
+    and `.tokenizer2` the bigG tower's tokenizer.
 
     config: an original LDM inference yaml (path or dict) or a ModelConfig; by default `<checkpoint>.yaml` beside
         the file if present, else the family and sizes are detected from keys and shapes.
@@ -104,7 +118,6 @@ def load_checkpoint(path: PathLike, config: ConfigLike = None, dtype: torch.dtyp
     use_ema: take the UNet's EMA weights (`model_ema.*`) when the file has them.
     """
     # Imported here so `imagic.config` / `imagic.checkpoint` stay importable on their own.
-    from .clip import build_text_encoder
     from .tokenizer import Tokenizer
     from .unet import UNetModel
     from .vae import AutoencoderKL
@@ -123,23 +136,24 @@ def load_checkpoint(path: PathLike, config: ConfigLike = None, dtype: torch.dtyp
             warnings.warn(f"{path.name}: no EMA weights in this file (pruned files often hold EMA weights already); "
                           "using the weights it has", stacklevel=2)
     unet = build(lambda: UNetModel(cfg.unet), _split(sd, D.UNET), "UNet", dtype, device)
-    vae = text = tokenizer = None
+    vae = text = tokenizer = tokenizer2 = None
     if det.has_vae:
         vae = build(lambda: AutoencoderKL(cfg.vae), _split(sd, D.VAE), "VAE", vae_dtype, device)
     else:
         warnings.warn(f"{path.name}: no VAE in this file (first_stage_model.*); .vae is None", stacklevel=2)
     if det.has_text:
         src, add = _text_prefix(sd, cfg)
-        text = build(lambda: build_text_encoder(cfg.text), _split(sd, src, add), "text encoder", dtype, device)
+        text = build(_text_factory(cfg), _split(sd, src, add), "text encoder", dtype, device)
         tokenizer = Tokenizer.for_text_config(cfg.text)
+        tokenizer2 = Tokenizer.for_text_config(cfg.text2) if cfg.text2 is not None else None
     else:
-        warnings.warn(f"{path.name}: no text encoder in this file (cond_stage_model.*); .text_encoder is None",
-                      stacklevel=2)
+        warnings.warn(f"{path.name}: no text encoder in this file (cond_stage_model.* / conditioner.*); "
+                      ".text_encoder is None", stacklevel=2)
     if not prediction_known:
         _probe_prediction(unet, cfg, evidence)
     log.info("loaded %s: %s", path.name, describe(cfg))
     return StableDiffusion(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, config=cfg,
-                           evidence=evidence, path=path)
+                           evidence=evidence, path=path, tokenizer2=tokenizer2)
 
 
 def inspect_checkpoint(path: PathLike, config: ConfigLike = None, probe: bool = True) -> Dict[str, Any]:
@@ -148,7 +162,6 @@ def inspect_checkpoint(path: PathLike, config: ConfigLike = None, probe: bool = 
     Every component's key set is compared with our models built on the meta device, so a file that would not
     load is reported here with the same message `load_checkpoint` would give.
     """
-    from .clip import build_text_encoder
     from .unet import UNetModel
     from .vae import AutoencoderKL
 
@@ -158,7 +171,7 @@ def inspect_checkpoint(path: PathLike, config: ConfigLike = None, probe: bool = 
              "vae": (D.VAE, "", lambda: AutoencoderKL(cfg.vae), det.has_vae)}
     if det.has_text:
         src, add = _text_prefix(sd, cfg)
-        parts["text_encoder"] = (src, add, lambda: build_text_encoder(cfg.text), True)
+        parts["text_encoder"] = (src, add, _text_factory(cfg), True)
     problems, dtypes = [], {}
     for name, (prefix, add, factory, present) in parts.items():
         part = _split(sd, prefix, add)
@@ -168,7 +181,7 @@ def inspect_checkpoint(path: PathLike, config: ConfigLike = None, probe: bool = 
                 check_keys(meta_model(factory, name), part, name)
             except CheckpointError as e:
                 problems.append(str(e))
-    known = (D.UNET, D.VAE, "cond_stage_model.", D.EMA)
+    known = (D.UNET, D.VAE, "cond_stage_model.", D.CONDITIONER, D.EMA)
     unknown = sorted(k for k in sd if not k.startswith(known) and not D.is_skipped(k, True))
     if not prediction_known and probe and not problems:
         unet = build(lambda: UNetModel(cfg.unet), _split(sd, D.UNET), "UNet", torch.float32, torch.device("cpu"))

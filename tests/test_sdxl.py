@@ -24,10 +24,17 @@ from diffusers.loaders.single_file_utils import (
 from diffusers.models.embeddings import Timesteps
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from imagic.config import ConfigError, ModelConfig, TextConfig, UNetConfig, from_ldm_yaml, preset, to_ldm_yaml
+from imagic import detect as D
+from imagic.checkpoint import CheckpointError
+from imagic.config import (ConfigError, ModelConfig, TextConfig, UNetConfig, VAEConfig, from_ldm_yaml, preset,
+                           to_ldm_yaml)
+from imagic.export import ldm_state_dict as file_state_dict
+from imagic.export import save_checkpoint
+from imagic.loader import inspect_checkpoint, load_checkpoint
 from imagic.sdxl import Conditioner, size_embedding
 from imagic.tokenizer import Tokenizer
 from imagic.unet import UNetModel
+from imagic.vae import AutoencoderKL
 from tests.helpers import randomize_, rel_err
 
 TOL = 1e-4
@@ -436,3 +443,76 @@ def test_full_size_text_keys_match_transformers_and_open_clip_vit_bigg():
     assert len(first) + len(second) == len(sd)
     assert first == _shapes(clip_l.state_dict())
     assert second == {k: v for k, v in _shapes(bigg.state_dict()).items() if not k.startswith("visual.")}
+
+
+# --- detection from keys and shapes, loading --------------------------------------------------------------------
+
+def test_full_size_sdxl_is_detected_from_keys_and_shapes():
+    cfg = preset("sdxl")
+    with torch.device("meta"):
+        sd = file_state_dict(UNetModel(cfg.unet), AutoencoderKL(cfg.vae), Conditioner(cfg), cfg)
+    sd["denoiser.sigmas"] = torch.empty(1000, device="meta")  # sgm's DiscreteDenoiser buffer, in SDXL files
+    sd["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.empty(1, 77, device="meta")
+    det = D.detect(sd)
+    assert det.config == cfg and det.prediction_known and det.has_text and det.has_vae
+    assert any("family sdxl" in e for e in det.evidence) and any("[1, 2, 10]" in e for e in det.evidence)
+    counts = D.count_params(sd)
+    assert (counts["unet"], counts["text_encoder"]) == (2_567_463_684, 817_720_321)
+
+
+def _sdxl_keys(**override: torch.Tensor) -> Dict[str, torch.Tensor]:
+    cfg = preset("sdxl")
+    with torch.device("meta"):
+        sd = file_state_dict(UNetModel(cfg.unet), None, Conditioner(cfg), cfg)
+    return {**sd, **override}
+
+
+@pytest.mark.parametrize("sd,message", [
+    (lambda: {k.replace("embedders.1.", "embedders.0."): v for k, v in _sdxl_keys().items()
+              if not k.startswith(D.SDXL_CLIP_L)}, "SDXL refiner"),
+    (lambda: _sdxl_keys(**{PREFIX + "input_blocks.0.0.weight": torch.empty(320, 9, 3, 3, device="meta")}),
+     "SDXL inpainting model"),
+    (lambda: {k: v for k, v in _sdxl_keys().items() if "label_emb" not in k}, "without label_emb"),
+    (lambda: {k: v for k, v in _sdxl_keys().items() if not k.startswith(D.SDXL_BIGG)}, "two text towers"),
+], ids=["refiner", "inpainting", "no-label-emb", "one-tower"])
+def test_sdxl_look_alikes_are_refused_in_one_line(sd, message: str):
+    with pytest.raises(CheckpointError, match=message) as e:
+        D.detect(sd())
+    assert "\n" not in str(e.value)
+
+
+def tiny_sdxl() -> ModelConfig:
+    """SDXL's structure at widths whose conventions detection can read back: 64-channel heads in the UNet and
+    the towers, per-level depth (1, 1, 2), no attention at the first level; y = pooled 32 + 6 x 8."""
+    unet = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), attention_resolutions=(4, 2), num_res_blocks=1,
+                      num_heads=-1, num_head_channels=64, transformer_depth=(1, 1, 2), context_dim=128,
+                      use_linear_in_transformer=True, num_classes="sequential", adm_in_channels=32 + 6 * 8)
+    text = TextConfig(kind="openai", width=64, layers=2, heads=1, mlp_width=128, projection_dim=64,
+                      layer="penultimate", final_norm=False)
+    text2 = TextConfig(kind="openclip", width=64, layers=3, heads=1, mlp_width=128, projection_dim=32, act="gelu",
+                       layer="penultimate", final_norm=False)
+    vae = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+    return ModelConfig(family="sdxl", scale_factor=0.13025, image_size=1024, unet=unet, vae=vae, text=text,
+                       text2=text2)
+
+
+@pytest.mark.parametrize("write_yaml", [True, False], ids=["yaml-beside", "shapes-only"])
+def test_tiny_sdxl_file_loads_and_runs_like_its_models(tmp_path, write_yaml: bool):
+    cfg = tiny_sdxl()
+    unet, vae, cond = (randomize_(m, seed).eval() for seed, m in
+                       enumerate([UNetModel(cfg.unet), AutoencoderKL(cfg.vae), Conditioner(cfg)]))
+    path = save_checkpoint(tmp_path / "tiny_xl.safetensors", unet, vae, cond, cfg, write_yaml=write_yaml)
+    loaded = load_checkpoint(path)
+    assert loaded.config == cfg and isinstance(loaded.text_encoder, Conditioner)
+    assert (loaded.tokenizer.pad_token, loaded.tokenizer2.pad_token) == (49407, 0)
+    info = inspect_checkpoint(path)
+    assert (info["family"], info["problems"], info["unknown_keys"]) == ("sdxl", [], [])
+
+    ids, ids2 = loaded.tokenizer(PROMPTS[:2]), loaded.tokenizer2(PROMPTS[:2])
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([5, 700])
+    with torch.no_grad():
+        outs = []
+        for u, c in ((unet, cond), (loaded.unet, loaded.text_encoder)):
+            context, pooled = c(ids, ids2)
+            outs.append(u(x, t, context, c.vector(pooled, (512, 512), (0, 0), (1024, 1024))))
+    assert torch.equal(outs[0], outs[1])
