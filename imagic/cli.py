@@ -160,6 +160,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             resolution = 768  # an SD2 file without its yaml: plan for the larger, 768-v size
             print("imagic: epsilon or v is not known from the shapes alone: planned at 768 px (SD 2.x 768-v); "
                   "pass --resolution 512 for a 512 base model", file=sys.stderr)
+    elif args.config:
+        raise UserError("--config goes with --ckpt (a family's preset has its own sizes)")
     else:
         model = args.family
     try:

@@ -18,9 +18,9 @@ FLOPs are torch.utils.flop_counter's (matmuls, convolutions and attention; eleme
 recomputation under gradient checkpointing counts), with the CPU flash-attention ops added to its table, and our
 Triton attention on CUDA counted from its recorded launches by the same formulas. `FlopCount` applies that table
 in a plain dispatch mode: FlopCounterMode itself changes what it measures under gradient checkpointing (measured
-on the tiny test model: a stage-1 step's peak grows from 2.7 to 6.8 MiB inside it; its module tracking and its
-re-decomposition of ops keep tensors of the recomputation alive), so it only counts the real runs the plan is
-checked against (`flop_counter`), where it runs apart from the memory measurement.
+on the tiny test model: a stage-1 step's peak grows from 2.7 to 6.8 MiB inside it, tensors of the recomputation
+kept alive by its module-tracking hooks or its re-decomposition of ops; not traced further), so it only counts
+the real runs the plan is checked against (`flop_counter`), apart from their memory measurement.
 """
 from __future__ import annotations
 

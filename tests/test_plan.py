@@ -228,3 +228,5 @@ def test_cli_plan_errors_are_one_line(tmp_path, capsys):
     assert e.value.code == 2
     assert main(["plan", "--family", "sd1", "--resolution", "100"]) == 2
     assert "multiple of 64" in capsys.readouterr().err
+    assert main(["plan", "--family", "sd1", "--config", "x.yaml"]) == 2
+    assert "--config goes with --ckpt" in capsys.readouterr().err
