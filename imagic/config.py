@@ -18,7 +18,7 @@ from typing import Any, Dict, Literal, Optional, Tuple, Union
 
 import yaml
 
-from . import config_sdxl as sdxl
+from . import config_sdxl
 from .config_check import ConfigError, build, validate
 # TextConfig and the token ids live in config_text and are imported from here too (tokenizer, clip, tests).
 from .config_text import BIGG, EOT_TOKEN, SDXL_CLIP_L, SOT_TOKEN, VIT_H, TextConfig, cond_for, text_from_cond
@@ -114,7 +114,7 @@ class ModelConfig:
     def size_embed_dim(self) -> int:
         """SDXL: the width each of the six size/crop numbers is embedded to in `y` (pooled vector first)."""
         assert self.text2 is not None and self.unet.adm_in_channels is not None, "not an SDXL config"
-        return (self.unet.adm_in_channels - self.text2.projection_dim) // (2 * len(sdxl.SIZE_KEYS))
+        return (self.unet.adm_in_channels - self.text2.projection_dim) // (2 * len(config_sdxl.SIZE_KEYS))
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -150,7 +150,7 @@ def preset(name: str) -> ModelConfig:
         )
     if name == "sdxl":
         return ModelConfig(
-            family="sdxl", scale_factor=0.13025, image_size=sdxl.SDXL_IMAGE_SIZE,
+            family="sdxl", scale_factor=0.13025, image_size=config_sdxl.SDXL_IMAGE_SIZE,
             unet=UNetConfig(attention_resolutions=(4, 2), channel_mult=(1, 2, 4), num_heads=-1, num_head_channels=64,
                             transformer_depth=(1, 2, 10), context_dim=2048, use_linear_in_transformer=True,
                             num_classes="sequential", adm_in_channels=2816),
@@ -193,8 +193,8 @@ def from_ldm_yaml(source: Union[str, Path, Dict[str, Any]]) -> ModelConfig:
 
 def _from_ldm_doc(doc: Any) -> ModelConfig:
     """The mapping itself; a malformed document fails here with KeyError, TypeError, ... (see from_ldm_yaml)."""
-    if sdxl.is_sgm(doc):
-        doc = sdxl.to_ldm_layout(doc)
+    if config_sdxl.is_sgm(doc):
+        doc = config_sdxl.to_ldm_layout(doc)
     params = doc["model"]["params"]
     unet_p = dict(params["unet_config"]["params"])
     first = params["first_stage_config"]["params"]
@@ -251,12 +251,12 @@ def _text_towers(cond: Dict[str, Any], unet: UNetConfig) -> Tuple[TextConfig, Op
         widths: Tuple[int, ...] = (text.width,)
         text2 = None
     else:
-        first, second, size_dim = sdxl.text_towers(cond)
+        first, second, size_dim = config_sdxl.text_towers(cond)
         text, text2 = text_from_cond(first), text_from_cond(second)
         widths = (text.width, text2.width)
         if text2.kind != "openclip":  # its pooled vector is OpenCLIP's projected end-of-text features
             raise ConfigError("the second text tower of an SDXL conditioner must be an OpenCLIP one")
-        y = text2.projection_dim + 2 * len(sdxl.SIZE_KEYS) * size_dim
+        y = text2.projection_dim + 2 * len(config_sdxl.SIZE_KEYS) * size_dim
         if unet.adm_in_channels != y:
             raise ConfigError(f"adm_in_channels {reprlib.repr(unet.adm_in_channels)} is not the pooled "
                               f"{text2.projection_dim} + 6 size embeddings of {size_dim} = {y}")
@@ -291,7 +291,8 @@ def to_ldm_yaml(cfg: ModelConfig) -> Dict[str, Any]:
     }}
     if cfg.text2 is None:
         return doc
-    return sdxl.to_sgm_layout(doc, (cond_for(cfg.text, sgm=True), cond_for(cfg.text2, sgm=True)), cfg.size_embed_dim)
+    towers = (cond_for(cfg.text, sgm=True), cond_for(cfg.text2, sgm=True))
+    return config_sdxl.to_sgm_layout(doc, towers, cfg.size_embed_dim)
 
 
 def describe(cfg: Optional[ModelConfig]) -> str:
