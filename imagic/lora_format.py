@@ -9,6 +9,8 @@ kohya format: SD 1.x/2.x LoRA files name modules by the *diffusers* UNet
 `transformer_paths` rebuilds the block loop of `openaimodel.UNetModel` to map each SpatialTransformer
 (`input_blocks.1.1`) to its diffusers parent (`down_blocks.0.attentions.0`) with the index arithmetic of
 diffusers' `convert_ldm_unet_checkpoint`; everything below a transformer has the same names in both.
+SDXL LoRA files name modules by the *original* sgm path (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`),
+because sd-scripts trains SDXL on its own copy of the sgm UNet (`sdxl_original_unet.py`); that path is ours.
 """
 from __future__ import annotations
 
@@ -71,8 +73,15 @@ def diffusers_path(path: str, cfg: UNetConfig) -> str:
 
 
 def kohya_name(path: str, cfg: UNetConfig) -> str:
-    """`lora_unet_` + the diffusers path with '.' -> '_' (sd-scripts' LoRANetwork naming)."""
-    return "lora_unet_" + diffusers_path(path, cfg).replace(".", "_")
+    """`lora_unet_` + a module path with '.' -> '_' (sd-scripts' LoRANetwork naming): the diffusers path for
+    SD 1.x/2.x, our own (sgm) path for SDXL, each as sd-scripts names the UNet it trains."""
+    diffusers = diffusers_path(path, cfg)  # also for SDXL: it refuses the layers outside a transformer
+    return "lora_unet_" + (path if _sgm_named(cfg) else diffusers).replace(".", "_")
+
+
+def _sgm_named(cfg: UNetConfig) -> bool:
+    """SDXL, told apart by its vector conditioning (label_emb): the one family sd-scripts trains on the sgm UNet."""
+    return cfg.num_classes == "sequential"
 
 
 def to_kohya(unet: nn.Module, cfg: Optional[UNetConfig] = None,
@@ -91,15 +100,19 @@ def to_kohya(unet: nn.Module, cfg: Optional[UNetConfig] = None,
 def from_kohya(unet: nn.Module, sd: Dict[str, torch.Tensor], cfg: Optional[UNetConfig] = None) -> List[str]:
     """Load a kohya-format UNet LoRA into our LDM-named model (adding LoRA layers where needed); returns paths.
 
-    Text-encoder entries (`lora_te*`) are skipped with a warning; anything else that is not a plain LoRA on a
-    module of this UNet is an error that lists the names.
+    Text-encoder entries (`lora_te*`, `lora_te1_*`, `lora_te2_*`) are skipped with a warning; anything else that
+    is not a plain LoRA on a module of this UNet is an error that lists the names. For SDXL the diffusers-path names
+    are accepted too: diffusers' `convert_state_dict_to_kohya` writes those for a LoRA trained on its SDXL UNet.
     """
     cfg = _config(unet, cfg)
     te = [k for k in sd if k.startswith("lora_te")]
     if te:
         warnings.warn(f"skipping {len(te)} text-encoder LoRA tensors (lora_te*): only the UNet LoRA is loaded")
     entries = _group({k: v for k, v in sd.items() if not k.startswith("lora_te")})
-    names = {kohya_name(p, cfg): p for p, _ in unet.named_modules() if _inside_transformer(p, cfg)}
+    paths = [p for p, _ in unet.named_modules() if _inside_transformer(p, cfg)]
+    names = {kohya_name(p, cfg): p for p in paths}
+    if _sgm_named(cfg):
+        names.update({"lora_unet_" + diffusers_path(p, cfg).replace(".", "_"): p for p in paths})
     unknown = sorted(set(entries) - set(names))
     if unknown:
         raise ValueError(f"kohya LoRA names that match no module of this UNet: {', '.join(unknown)}")
