@@ -154,21 +154,24 @@ def plan(model: Union[str, ModelConfig], device: str = "cuda", precision: str = 
          lora_rank: int = 4, resolution: Optional[int] = None, gradient_checkpointing: bool = False,
          seeds: Union[int, Sequence[int]] = 1, alphas: Union[int, Sequence[float]] = DEFAULT_ALPHAS,
          embed_steps: int = 1000, finetune_steps: Optional[int] = None, ddim_steps: int = 50,
-         kernels: str = "auto", offload: bool = False, reserve_bytes: int = CUDA_RESERVE_BYTES) -> Plan:
+         kernels: str = "auto", offload: bool = False, reserve_bytes: int = CUDA_RESERVE_BYTES,
+         sample_batch: int = 1) -> Plan:
     """The plan of an edit of `model` (a family preset name: "sd1", "sd2", "sd2-v", or a ModelConfig).
 
-    resolution: pixels (default: the model's native size); seeds, alphas: counts or lists, the sampling batch is
-    their product (its CFG batch twice that); steps default to the editor's (FitSettings: 1000 embedding steps,
+    resolution: pixels (default: the model's native size); seeds, alphas: counts or lists, the edit samples their
+    product of images, `sample_batch` per UNet call (the Editor's is 1: it runs each seed's DDIM loop alone, and
+    decodes one latent at a time), its CFG batch twice that; steps default to the editor's (FitSettings: 1000 embedding steps,
     500 LoRA / 1500 full fine-tuning steps; 50 DDIM steps). kernels: "auto" (our Triton kernels on CUDA
     when Triton is installed here), "triton" or "torch". See the module docstring for the rest.
     """
     cfg = model if isinstance(model, ModelConfig) else preset(model)
     resolution = resolution or cfg.image_size
     _check(cfg, device, precision, finetune, lora_rank, resolution, kernels)
-    batch = _count_of(seeds, "seeds") * _count_of(alphas, "alphas")
+    images = _count_of(seeds, "seeds") * _count_of(alphas, "alphas")
+    batch = min(_count_of(sample_batch, "sample_batch"), images)
     triton = device == "cuda" and (kernels == "triton" or (kernels == "auto" and triton_available()))
     steps = {"stage1": embed_steps, "stage2": finetune_steps or (500 if finetune == "lora" else 1500),
-             "sample": ddim_steps, "vae_encode": 1, "vae_decode": batch}
+             "sample": ddim_steps * -(-images // batch), "vae_encode": 1, "vae_decode": images}
     latent = resolution // cfg.vae.downsample_factor
     dtype = PRECISIONS[precision]
 
@@ -202,7 +205,7 @@ def plan(model: Union[str, ModelConfig], device: str = "cuda", precision: str = 
     settings: Dict[str, object] = {
         "family": cfg.family, "resolution": resolution, "device": device, "precision": precision,
         "finetune": finetune, "lora_rank": lora_rank, "gradient_checkpointing": gradient_checkpointing,
-        "sample_batch": batch, "kernels": "triton" if triton else "torch", "offload": offload,
+        "images": images, "sample_batch": batch, "kernels": "triton" if triton else "torch", "offload": offload,
         "model_bytes": {"unet": unet_bytes, "vae": vae_bytes, "text_encoder": text_bytes}}
     return Plan(settings, stages, reserve_bytes)
 
@@ -239,7 +242,7 @@ def format_plan(p: Plan) -> str:
     finetune = f"LoRA rank {s['lora_rank']}" if s["finetune"] == "lora" else "full fine-tuning"
     lines = [f"imagic plan: {s['family']} at {s['resolution']}x{s['resolution']}, {s['device']} {s['precision']}, "
              f"{finetune}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
-             f"{s['kernels']} kernels, sampling batch {s['sample_batch']} (x2 for guidance)"
+             f"{s['kernels']} kernels, {s['images']} images sampled {s['sample_batch']} at a time (x2 for guidance)"
              + (", models a stage does not run off the device" if s["offload"] else ""), ""]
     unit, size = _unit(p)
     b = lambda n: f"{n / size:.2f}"  # noqa: E731
