@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 
 from .attention_tiles import LOG2E, configs_for, head_split, precision, unit_stride
-from .launch import cdiv, gpu_arch, interpreting, triton_kernel
+from .launch import cdiv, gpu_arch, interpreting, is_recording, triton_kernel
 
 try:
     import triton.language as tl
@@ -207,7 +207,7 @@ _SPLIT_ROWS = 128  # dK/dV query chunks are multiples of this (a multiple of eve
 
 def _lq_splits(Lq: int, Lk: int, BH: int, device: torch.device) -> int:
     """Rows per dK/dV chunk: split the query loop until there are about two waves of programs."""
-    if interpreting():
+    if interpreting() and not is_recording():  # a recording sizes for its target GPU, interpreter or not
         return 24  # test sizes: several chunks, ending mid-tile (16), so the chunk-end mask is exercised
     key_blocks = cdiv(Lk, 128) * BH
     splits = max(1, min(cdiv(2 * gpu_arch(device).multiprocessors, key_blocks), cdiv(Lq, _SPLIT_ROWS)))
