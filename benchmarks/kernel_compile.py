@@ -276,9 +276,6 @@ def write_report(rows: List[Dict[str, Any]], name: str) -> None:
         ["arch", "GPU", "dtype", "variants", "compiled", "spilling", "over shared memory", "dot kernels without MMA",
          "max regs", "compile s (sum)"], summary(rows)), "",
         "Launches with no passing config (they would run on the torch path): " + ("; ".join(unfit) or "none") + ".",
-        "", "Before sm_80 Triton compiles `tl.dot` to FMA loops (no tensor-core instruction above), so on such GPUs "
-        "attention goes to SDPA without being compiled (`GpuArch.tensor_core_dots`); the norms and GEGLU, which "
-        "have no dot, run there.",
         "", "Verdicts follow `benchmarks/cubin.problems`, the rule `imagic.kernels.launch` applies before "
         "autotuning on a user's GPU: a flagged config is dropped there. `useful` = unpadded / padded MMA FLOPs "
         "(head dimension only, then with the query/key tiles past the sequence ends), FLOP-weighted over the "
