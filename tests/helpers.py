@@ -31,3 +31,13 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """Max abs error divided by the reference's std (the issues' tolerance measure)."""
     ours, ref = ours.detach().double(), ref.detach().double()
     return ((ours - ref).abs().max() / ref.std().clamp_min(1e-12)).item()
+
+
+def rounding_tol(dtype: torch.dtype, roundings: int) -> float:
+    """A bound on `rel_err` for a computation that rounds `roundings` intermediate results (op outputs, weights) to
+    `dtype`, against a reference of much higher precision (or against another such computation: count the
+    roundings of both). Each rounding moves a value by up to u = eps / 2 relative (2^-8 bf16, 2^-11 fp16), uniformly:
+    rms u / sqrt(3). Independent and not amplified on the way out, they add up to an rms of u * sqrt(roundings / 3)
+    of the output's std (an upper end: normalised residual blocks damp the earlier ones); the max over a few hundred
+    outputs of a Gaussian error stays below 4x its rms (P(|Z| > 4) = 6e-5 per output)."""
+    return 4 * torch.finfo(dtype).eps / 2 * (roundings / 3) ** 0.5

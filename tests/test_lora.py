@@ -25,7 +25,7 @@ from imagic.config import ModelConfig, TextConfig, UNetConfig, to_ldm_yaml
 from imagic.lora import (
     LoRAConv2d, LoRALinear, inject_lora, lora_modules, lora_parameters, merge_lora, remove_lora, unmerge_lora)
 from imagic.lora_format import from_kohya, load_lora_state_dict, lora_state_dict, to_kohya, transformer_paths
-from tests.helpers import randomize_, rel_err
+from tests.helpers import randomize_, rel_err, rounding_tol
 
 TOL = 1e-4
 KOHYA_KEY = re.compile(r"^lora_unet_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -170,7 +170,9 @@ def test_low_precision_base_keeps_fp32_lora_and_exact_unmerge():
     assert out.dtype == torch.bfloat16
     assert rel_err(out, base_out) > 1
     merge_lora(model)
-    assert rel_err(model(x), out) < 0.15  # bf16 rounding only (measured 0.045), far below the LoRA's effect
+    # bf16 rounding only, far below the LoRA's effect: the two paths round differently, 68 results unmerged and 20
+    # merged (TorchFunctionMode counts) plus the 8 merged weights: 0.088.
+    assert rel_err(model(x), out) < rounding_tol(torch.bfloat16, 68 + 20 + 8)
     unmerge_lora(model)  # merging rounded the bf16 weights: only a kept copy restores them
     assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items() if k in base)
 

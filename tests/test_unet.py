@@ -17,7 +17,7 @@ from torch import nn
 from imagic.attention import BasicTransformerBlock
 from imagic.config import ModelConfig, TextConfig, UNetConfig, preset, to_ldm_yaml
 from imagic.unet import ResBlock, UNetModel, timestep_embedding
-from tests.helpers import randomize_, rel_err
+from tests.helpers import randomize_, rel_err, rounding_tol
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel  # noqa: E402
@@ -170,7 +170,9 @@ def test_low_precision_weights_run_and_stay_close(dtype: torch.dtype):
         out = ours.to(dtype)(x.to(dtype), t, ctx.to(dtype))
     assert out.dtype == dtype
     assert torch.isfinite(out).all()
-    assert rel_err(out.float(), expected) < 0.1
+    # This forward rounds 643 op outputs to `dtype` (counted with a TorchFunctionMode) and 311 conv/linear weights:
+    # 0.28 in bf16, 0.035 in fp16.
+    assert rel_err(out.float(), expected) < rounding_tol(dtype, 643 + 311)
 
 
 def test_autocast_bf16_runs_and_stays_close():
@@ -180,7 +182,9 @@ def test_autocast_bf16_runs_and_stays_close():
     expected = ours(x, t, ctx)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ours(x, t, ctx)
-    assert rel_err(out.float(), expected) < 0.1
+    # 420 op outputs in bf16 (TorchFunctionMode count), and the 201 conv/linear weights and at most as many inputs
+    # that autocast rounds: 0.26.
+    assert rel_err(out.float(), expected) < rounding_tol(torch.bfloat16, 420 + 2 * 201)
     out.float().square().mean().backward()
     assert ctx.grad is not None and ctx.grad.dtype == torch.float32 and torch.isfinite(ctx.grad).all()
 
