@@ -3,17 +3,19 @@
     editor = imagic.Editor.from_checkpoint("v1-5-pruned-emaonly.safetensors", device="cuda", precision="bf16")
     run = editor.fit("dog.png", "a photo of a sitting dog", out="runs/dog")
     editor.sample(run, alpha=[0.9, 1.0, 1.1], seeds=[0, 1]).grid
+    print(imagic.plan("sd1", device="cuda", precision="bf16").table())   # memory and time before you run
 """
 from .assemble import StableDiffusion
 from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig, preset
 from .editor import Editor, Run, SampleResult
 from .fitting import FitSettings
 from .loader import inspect_checkpoint, load_checkpoint
+from .plan import Plan, plan
 from .schedule import NoiseSchedule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Editor", "FitSettings", "Run", "SampleResult", "load_checkpoint", "inspect_checkpoint", "StableDiffusion",
-    "ModelConfig", "UNetConfig", "VAEConfig", "TextConfig", "preset", "NoiseSchedule", "__version__",
+    "ModelConfig", "UNetConfig", "VAEConfig", "TextConfig", "preset", "NoiseSchedule", "plan", "Plan", "__version__",
 ]

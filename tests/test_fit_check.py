@@ -67,6 +67,13 @@ def test_the_hint_names_a_setting_that_fits(inputs, monkeypatch):
     fit_check.check(p, ("stage1", "stage2"), editor.device, lambda o: editor.plan(**{"finetune": "full", **o}))
 
 
+def test_the_plan_is_one_call_from_the_package():
+    import imagic
+
+    p = imagic.plan("sd1", device="cuda", precision="bf16")  # presets need no weights
+    assert isinstance(p, imagic.Plan) and set(p.stages) == {"stage1", "stage2", "sample", "vae_encode", "vae_decode"}
+
+
 def test_alternatives_spell_the_command_line():
     settings = {"precision": "fp32", "finetune": "full", "gradient_checkpointing": False}
     flags = [flag for flag, _ in fit_check.alternatives(settings, bf16=False)]
