@@ -21,7 +21,7 @@ def user_errors() -> tuple:
     """The exception types that end a command with one line: the input is bad, or the run cannot go on here (out
     of memory, will not fit), not 'the program is broken'."""
     from .checkpoint import CheckpointError
-    from .config import ConfigError
+    from .config import ConfigError, ResolutionError
     from .fileio import OutputError
     from .fit_check import WontFit
     from .images import ImageError
@@ -29,7 +29,7 @@ def user_errors() -> tuple:
     from .training import NumericalError, OutOfMemory
 
     return (UserError, CheckpointError, ConfigError, ImageError, OutputError, RunError, NumericalError, OutOfMemory,
-            WontFit)
+            WontFit, ResolutionError)
 
 
 def positive(kind: type, minimum: float = 0, inclusive: bool = False) -> Callable[[str], float]:
@@ -63,6 +63,9 @@ def add_model_args(p: argparse.ArgumentParser, ckpt_required: bool = True) -> No
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="frozen weights and autocast precision; trainable tensors stay fp32 (default fp32)")
     p.add_argument("--use-ema", action="store_true", help="use the UNet's EMA weights when the file has them")
+    p.add_argument("--resolution", type=positive(int),
+                   help="image size in pixels (default: the model's native size: 512 SD 1.x / SD 2 base, 768 SD 2-v, "
+                        "1024 SDXL; `imagic sample` defaults to the run's)")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
                    help="fused Triton kernels (auto: on CUDA when Triton is installed) or the torch path")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -121,4 +124,5 @@ def make_editor(args: argparse.Namespace, ckpt: str) -> "Editor":
 
     return Editor.from_checkpoint(ckpt, config=args.config, device=parse_device(args.device), precision=args.precision,
                                   use_ema=args.use_ema, progress=not args.quiet,
-                                  gradient_checkpointing=getattr(args, "gradient_checkpointing", False))
+                                  gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
+                                  resolution=getattr(args, "resolution", None))

@@ -100,9 +100,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not args_file.is_file():
         raise UserError(f"{args.run}: not a run directory (no args.json)")
     try:
-        ckpt = args.ckpt or read_json(args_file).get("checkpoint")
+        recorded = read_json(args_file)
+        ckpt = args.ckpt or recorded.get("checkpoint")
+        trained = (recorded.get("model_config") or {}).get("image_size")
     except (ValueError, AttributeError) as e:  # not JSON / not UTF-8 / not an object
         raise UserError(f"{args_file}: not the settings of an imagic run ({' '.join(str(e).split())})") from None
+    if args.resolution is None and isinstance(trained, int):
+        args.resolution = trained  # sample at the size the run was trained at
     if not ckpt:
         raise UserError(f"{args.run}: the run does not name its checkpoint; pass --ckpt")
     editor = make_editor(args, ckpt)
@@ -225,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="memory and compute of every stage of an edit, before it runs (reads no weights)")
     which = pl.add_mutually_exclusive_group(required=True)
     which.add_argument("--ckpt", help="SD checkpoint: only its keys and shapes are read")
-    which.add_argument("--family", choices=["sd1", "sd2", "sd2-v"], help="a public model family's preset")
+    which.add_argument("--family", choices=["sd1", "sd2", "sd2-v", "sdxl"], help="a public model family's preset")
     pl.add_argument("--config", help="original LDM inference yaml (default: <checkpoint>.yaml if present)")
     pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where the edit would run")
     pl.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",

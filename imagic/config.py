@@ -27,6 +27,10 @@ Family = Literal["sd1", "sd2", "sd2-v", "sdxl", "custom"]
 PredictionType = Literal["epsilon", "v"]
 
 
+class ResolutionError(ValueError):
+    """An image size the model cannot take (not a multiple of its downsampling)."""
+
+
 @dataclass
 class UNetConfig:
     """`openaimodel.UNetModel` parameters (the yaml's `unet_config.params`)."""
@@ -115,6 +119,19 @@ class ModelConfig:
         """SDXL: the width each of the six size/crop numbers is embedded to in `y` (pooled vector first)."""
         assert self.text2 is not None and self.unet.adm_in_channels is not None, "not an SDXL config"
         return (self.unet.adm_in_channels - self.text2.projection_dim) // (2 * len(config_sdxl.SIZE_KEYS))
+
+    @property
+    def resolution_multiple(self) -> int:
+        """Image sizes must be multiples of this: the VAE's factor times the UNet's downsampling."""
+        return self.vae.downsample_factor * 2 ** (len(self.unet.channel_mult) - 1)
+
+    def at_resolution(self, pixels: int) -> "ModelConfig":
+        """The same model run at `pixels` x `pixels` (ResolutionError unless a positive multiple of
+        `resolution_multiple`)."""
+        m = self.resolution_multiple
+        if pixels < m or pixels % m:
+            raise ResolutionError(f"the resolution must be a positive multiple of {m} for this model, got {pixels}")
+        return dataclasses.replace(self, image_size=pixels)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

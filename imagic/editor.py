@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -36,11 +36,13 @@ from .assemble import StableDiffusion
 from .fileio import load_safetensors, read_json, save_safetensors, sha256_file
 from .fitting import (FitSettings, finetune_unet, finetuned_state, finetuned_weights, load_finetuned,
                       optimize_embedding, save_finetuned, trainable)
-from .images import from_pil, load_image, make_grid, save_png, square, to_pil
+from .conditioning import Conditioning, SizeConditioning
+from .results import Run, SampleResult
+from .images import from_pil, make_grid, open_image, save_png, square, to_pil
 from .loader import load_checkpoint
 from .plan import Plan, plan
 from .rundir import RunDir, RunError, library_versions, plot_losses
-from .samplers import initial_latents, sample_ddim, sdedit_start
+from .samplers import Model, initial_latents, sample_ddim, sdedit_start
 from .schedule import NoiseSchedule
 from .tokenizer import clean
 from .training import PRECISIONS, NumericalError, StepCallback, autocast, out_of_memory, peak_memory
@@ -51,30 +53,6 @@ log = logging.getLogger(__name__)
 ImageLike = Union[str, Path, Image.Image, Tensor]
 
 
-@dataclass
-class Run:
-    """The result of `Editor.fit`: both embeddings and the fine-tuned weights (LoRA or full UNet)."""
-
-    target_text: str
-    settings: FitSettings
-    target_embedding: Tensor
-    optimized_embedding: Tensor
-    finetuned: Dict[str, Tensor]  # our LoRA state dict, or the full UNet state dict
-    input_image: Image.Image
-    losses: Dict[str, List[float]] = field(default_factory=dict)
-    directory: Optional[Path] = None
-
-
-@dataclass
-class SampleResult:
-    images: Dict[Tuple[int, float], Image.Image]  # (seed, alpha) -> image
-    grid: Image.Image
-    seeds: List[int]
-    alphas: List[float]
-    paths: Dict[Tuple[int, float], Path] = field(default_factory=dict)  # where each image was saved (if it was)
-    grid_path: Optional[Path] = None  # this call's grid in the run directory: grid.png, grid-2.png, ...
-
-
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -83,7 +61,8 @@ class Editor:
     """Holds a loaded model and runs the three Imagic stages on it."""
 
     def __init__(self, model: StableDiffusion, device: Union[str, torch.device, None] = None,
-                 precision: str = "fp32", gradient_checkpointing: bool = False, progress: bool = True):
+                 precision: str = "fp32", gradient_checkpointing: bool = False, progress: bool = True,
+                 resolution: Optional[int] = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if model.vae is None or model.text_encoder is None:
@@ -92,7 +71,8 @@ class Editor:
         self.device = torch.device(device) if device is not None else _default_device()
         self.precision = precision
         self.progress = progress
-        self.config = model.config
+        # resolution: pixels of the square images it edits and makes (default: the model's native size)
+        self.config = model.config.at_resolution(resolution) if resolution else model.config
         self.schedule = NoiseSchedule.from_config(model.config)
         # Frozen weights in the working precision; the VAE stays fp32 (fp16 SD VAE decodes can NaN).
         dtype = PRECISIONS[precision]
@@ -101,6 +81,7 @@ class Editor:
         self.vae = model.vae.to(self.device).requires_grad_(False)
         self.unet.set_gradient_checkpointing(gradient_checkpointing)
         self.gradient_checkpointing = gradient_checkpointing
+        self.conditioning = Conditioning(model, self.unet, self.text_encoder, self.device, self.config)
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], config=None, device: Union[str, torch.device, None] = None,
@@ -112,20 +93,24 @@ class Editor:
         return cls(model, device=dev, precision=precision, **kwargs)
 
     # --- encoders -------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_text(self, prompts: Union[str, Sequence[str]]) -> Tensor:
-        """(B, 77, width) conditioning in fp32 (the embedding Imagic optimises lives in fp32)."""
-        ids = self.model.tokenizer(prompts).to(self.device)
-        return self.text_encoder(ids).float()
+        """The embedding Imagic optimises, fp32: (B, 77, width); on SDXL (B, 78, 2048), both towers' context and
+        the pooled vector packed (imagic.conditioning)."""
+        return self.conditioning.encode_text(prompts)
+
+    def _open(self, image: ImageLike) -> Image.Image:
+        if isinstance(image, Tensor):
+            return to_pil(image.detach().cpu().reshape(-1, *image.shape[-3:])[:1])[0]
+        return image.convert("RGB") if isinstance(image, Image.Image) else open_image(image)
 
     def prepare_image(self, image: ImageLike, fit: str = "crop") -> Image.Image:
         """Any path / PIL image / tensor in [-1, 1] -> a square RGB PIL image at the model's native resolution."""
-        size = self.config.image_size
-        if isinstance(image, Tensor):
-            image = to_pil(image.detach().cpu().reshape(-1, *image.shape[-3:])[:1])[0]
-        if isinstance(image, Image.Image):
-            return square(image.convert("RGB"), size, fit)  # type: ignore[arg-type]
-        return to_pil(load_image(image, size, fit))[0]  # type: ignore[arg-type]
+        return square(self._open(image), self.config.image_size, fit)  # type: ignore[arg-type]
+
+    def size_conditioning(self, image: Optional[ImageLike] = None, fit: str = "crop") -> Optional[SizeConditioning]:
+        """SDXL's original size / crop / target size for `image` as `prepare_image` makes it square (None on
+        SD 1.x / 2.x; without an image, a native-size uncropped one)."""
+        return self.conditioning.sizes(None if image is None else self._open(image).size, fit)
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image) -> Tensor:
@@ -164,42 +149,46 @@ class Editor:
             raise ValueError("the target text is empty (or nothing but spaces and control characters)")
         if not force:
             self._check_memory(("stage1", "stage2", "vae_encode"), finetune=s.finetune, lora_rank=s.lora_rank)
-        pil = self.prepare_image(image, s.fit)
+        pil, sizes = self.prepare_image(image, s.fit), self.size_conditioning(image, s.fit)
         rd = RunDir(out) if out is not None else None
         with rd if rd is not None else contextlib.nullcontext():
-            return self._fit(pil, target_text, s, rd, callback)
+            return self._fit(pil, sizes, target_text, s, rd, callback)
 
-    def _run_args(self, target_text: str, s: FitSettings, image_sha: str) -> Dict:
+    def _run_args(self, target_text: str, s: FitSettings, image_sha: str,
+                  sizes: Optional[SizeConditioning]) -> Dict:
         path = self.model.path
         return {"target_text": target_text, "settings": asdict(s), "input_sha256": image_sha,
+                "size_conditioning": sizes,
                 "checkpoint": str(path) if path else None,
                 "checkpoint_sha256": sha256_file(path) if path and path.is_file() else None,
                 "model_config": self.config.to_dict(), "precision": self.precision, "device": str(self.device),
                 "versions": library_versions()}
 
-    def _fit(self, pil: Image.Image, target_text: str, s: FitSettings, rd: Optional[RunDir],
-             callback: Optional[StepCallback]) -> Run:
+    def _fit(self, pil: Image.Image, sizes: Optional[SizeConditioning], target_text: str, s: FitSettings,
+             rd: Optional[RunDir], callback: Optional[StepCallback]) -> Run:
         image_sha = hashlib.sha256(pil.tobytes()).hexdigest()
         if rd is not None:
-            rd.check_or_write_args(self._run_args(target_text, s, image_sha),
-                                   identity=("target_text", "settings", "input_sha256", "checkpoint_sha256"))
+            rd.check_or_write_args(self._run_args(target_text, s, image_sha, sizes),
+                                   identity=("target_text", "settings", "input_sha256", "checkpoint_sha256",
+                                             "size_conditioning"))
             if not rd.input_image.exists():
                 save_png(pil, rd.input_image, {"target_text": target_text})
         x0 = self.encode_image(pil)
         e_tgt = self.encode_text(target_text)
         if rd is not None and not rd.target_embedding.exists():
             save_safetensors(rd.target_embedding, {"embedding": e_tgt})
-        e_opt, losses1 = self._stage1(x0, e_tgt, s, rd, callback)
-        finetuned, losses2 = self._stage2(x0, e_opt, s, rd, callback)
+        model = self.conditioning.unet_call(sizes)
+        e_opt, losses1 = self._stage1(model, x0, e_tgt, s, rd, callback)
+        finetuned, losses2 = self._stage2(model, x0, e_opt, s, rd, callback)
         if rd is not None:
             rd.loss_plot.parent.mkdir(parents=True, exist_ok=True)
             save_png(plot_losses({"stage 1 (embedding)": losses1, f"stage 2 ({s.finetune})": losses2}),
                      rd.loss_plot)
         return Run(target_text=target_text, settings=s, target_embedding=e_tgt.cpu(), optimized_embedding=e_opt.cpu(),
                    finetuned=finetuned, input_image=pil, losses={"stage1": losses1, "stage2": losses2},
-                   directory=rd.root if rd else None)
+                   directory=rd.root if rd else None, size_conditioning=sizes)
 
-    def _stage1(self, x0: Tensor, e_tgt: Tensor, s: FitSettings, rd: Optional[RunDir],
+    def _stage1(self, model: Model, x0: Tensor, e_tgt: Tensor, s: FitSettings, rd: Optional[RunDir],
                 callback: Optional[StepCallback]) -> Tuple[Tensor, List[float]]:
         """Stage 1 in the run directory: skipped when done, resumed when interrupted, recorded when finished."""
         if rd is not None and rd.optimized_embedding.exists():
@@ -207,7 +196,7 @@ class Editor:
             rd.resume_state(1).unlink(missing_ok=True)  # left behind if a kill came between the two writes
             return load_safetensors(rd.optimized_embedding)[0]["embedding"].to(self.device), rd.read_losses(1)
         e_opt, state = optimize_embedding(
-            self.unet, self.schedule, x0, e_tgt, s, self.precision, resume_path=rd.resume_state(1) if rd else None,
+            model, self.schedule, x0, e_tgt, s, self.precision, resume_path=rd.resume_state(1) if rd else None,
             callback=callback, progress=self.progress,
             on_save=(lambda st: rd.write_losses(1, st.losses)) if rd else None)
         if rd is not None:
@@ -218,7 +207,7 @@ class Editor:
                    f"peak memory {peak_memory(self.device)}")
         return e_opt, state.losses
 
-    def _stage2(self, x0: Tensor, e_opt: Tensor, s: FitSettings, rd: Optional[RunDir],
+    def _stage2(self, model: Model, x0: Tensor, e_opt: Tensor, s: FitSettings, rd: Optional[RunDir],
                 callback: Optional[StepCallback]) -> Tuple[Dict[str, Tensor], List[float]]:
         """Stage 2 (LoRA adapters or every UNet weight) in the run directory, like `_stage1`."""
         if rd is not None and rd.finetuned(s.finetune).exists():
@@ -227,7 +216,7 @@ class Editor:
             return self._read_finetuned(rd, s.finetune), rd.read_losses(2)
         with trainable(self.unet, s, self.precision) as params:
             state = finetune_unet(
-                self.unet, self.schedule, x0, e_opt, params, s, self.precision,
+                model, self.schedule, x0, e_opt, params, s, self.precision,
                 resume_path=rd.resume_state(2) if rd else None, callback=callback, progress=self.progress,
                 on_save=(lambda st: rd.write_losses(2, st.losses)) if rd else None)
             finetuned = finetuned_state(self.unet, s.finetune)
@@ -262,19 +251,26 @@ class Editor:
                            "run `imagic train` on it again to resume")
         with Image.open(rd.input_image) as im:
             pil = im.convert("RGB")
+        trained = (args.get("model_config") or {}).get("image_size")
+        if trained and trained != self.config.image_size:
+            log.warning("%s was trained at %spx; this editor samples at %spx (Editor(resolution=...))",
+                        rd.root, trained, self.config.image_size)
         return Run(target_text=args["target_text"], settings=s,
                    target_embedding=load_safetensors(rd.target_embedding)[0]["embedding"],
                    optimized_embedding=load_safetensors(rd.optimized_embedding)[0]["embedding"],
                    finetuned=self._read_finetuned(rd, s.finetune), input_image=pil,
-                   losses={"stage1": rd.read_losses(1), "stage2": rd.read_losses(2)}, directory=rd.root)
+                   losses={"stage1": rd.read_losses(1), "stage2": rd.read_losses(2)}, directory=rd.root,
+                   size_conditioning=args.get("size_conditioning"))
 
     # --- stage 3 ------------------------------------------------------------------------------------------
     def sample_latents(self, context: Tensor, seeds: Sequence[int], guidance_scale: float = 7.5, steps: int = 50,
                        ddim_eta: float = 0.0, negative_prompt: str = "", start: Optional[Tensor] = None,
-                       strength: float = 1.0) -> Tensor:
+                       strength: float = 1.0, sizes: Optional[SizeConditioning] = None) -> Tensor:
         """DDIM with classifier-free guidance from `context`, one latent per seed (initial noise from a CPU
-        generator, so CPU and GPU runs start alike). With `start`, SDEdit from that latent at `strength`."""
-        uncond = self.encode_text(negative_prompt)
+        generator, so CPU and GPU runs start alike). With `start`, SDEdit from that latent at `strength`.
+        `sizes`: SDXL's size/crop conditioning (`size_conditioning`; default: a native-size image)."""
+        uncond = self.conditioning.encode_negative(negative_prompt)
+        denoiser = self._denoiser(self.conditioning.unet_call(sizes))
         shape = (1, self.config.unet.in_channels, self.config.latent_size, self.config.latent_size)
         out = []
         for seed in seeds:
@@ -283,7 +279,7 @@ class Editor:
             if start is not None:  # SDEdit: noise the input's latent to the strength's timestep
                 latents, start_step = sdedit_start(self.schedule, start, strength, steps, latents)
             with autocast(self.device, self.precision):
-                out.append(sample_ddim(self._denoiser, self.schedule, latents, context.to(self.device),
+                out.append(sample_ddim(denoiser, self.schedule, latents, context.to(self.device),
                                        uncond.to(self.device), steps=steps, guidance_scale=guidance_scale,
                                        ddim_eta=ddim_eta, generator=gen, progress=self.progress,
                                        start_step=start_step))
@@ -293,17 +289,19 @@ class Editor:
         return torch.cat(out)
 
     def _sample(self, context: Tensor, seeds: Sequence[int], guidance_scale: float, steps: int, ddim_eta: float,
-                negative_prompt: str, start: Optional[Tensor] = None, strength: float = 1.0) -> List[Image.Image]:
+                negative_prompt: str, start: Optional[Tensor] = None, strength: float = 1.0,
+                sizes: Optional[SizeConditioning] = None) -> List[Image.Image]:
         try:
             return self.decode(self.sample_latents(context, seeds, guidance_scale, steps, ddim_eta, negative_prompt,
-                                                   start, strength))
+                                                   start, strength, sizes))
         except torch.cuda.OutOfMemoryError as e:  # already one image at a time: only a smaller footprint helps
             raise out_of_memory("stage 3: sampling", e, "a trained run is kept; sample again with --precision bf16 "
                                 "or fp16 to need less") from None
 
-    def _denoiser(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def _denoiser(self, model: Model) -> Model:
+        """`model` in the working precision, returning fp32."""
         dtype = PRECISIONS[self.precision]
-        return self.unet(x.to(dtype), t, context.to(dtype)).float()
+        return lambda x, t, context: model(x.to(dtype), t, context.to(dtype)).float()
 
     def sample(self, run: Run, alpha: Union[float, Sequence[float]] = (0.6, 0.7, 0.8, 0.9, 1.0),
                seeds: Union[int, Sequence[int]] = (0,), guidance_scale: float = 7.5, steps: int = 50,
@@ -322,7 +320,7 @@ class Editor:
             for a in alphas:
                 e = a * run.target_embedding + (1 - a) * run.optimized_embedding
                 for seed, img in zip(seed_list, self._sample(e, seed_list, guidance_scale, steps, ddim_eta,
-                                                             negative_prompt)):
+                                                             negative_prompt, sizes=run.size_conditioning)):
                     images[(seed, a)] = img
         grid = make_grid([[images[(sd, a)] for a in alphas] for sd in seed_list],
                          row_labels=[f"seed {sd}" for sd in seed_list], col_labels=[f"alpha {a:g}" for a in alphas])
@@ -349,5 +347,5 @@ class Editor:
         seed_list = [int(seeds)] if isinstance(seeds, int) else list(seeds)
         x0 = self.encode_image(self.prepare_image(image, fit))
         return self._sample(self.encode_text(prompt), seed_list, guidance_scale, steps, ddim_eta, negative_prompt,
-                            start=x0, strength=strength)
+                            start=x0, strength=strength, sizes=self.size_conditioning(image, fit))
 

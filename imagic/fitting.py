@@ -22,6 +22,7 @@ from . import lora as L
 from . import lora_format
 from .config import UNetConfig
 from .fileio import load_safetensors, save_safetensors
+from .samplers import Model
 from .schedule import NoiseSchedule
 from .training import PRECISIONS, LoopState, StepCallback, denoising_loss, run_loop
 
@@ -55,12 +56,13 @@ class FitSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
-def optimize_embedding(unet: nn.Module, schedule: NoiseSchedule, x0: Tensor, e_tgt: Tensor, s: FitSettings,
+def optimize_embedding(unet: Model, schedule: NoiseSchedule, x0: Tensor, e_tgt: Tensor, s: FitSettings,
                        precision: str = "fp32", *, resume_path: Optional[Path] = None,
                        on_save: Optional[Callable[[LoopState], None]] = None,
                        callback: Optional[StepCallback] = None, progress: bool = True) -> Tuple[Tensor, LoopState]:
-    """Stage 1 (eq. 2): Adam on the embedding, started at e_tgt, with the model frozen. Returns e_opt and the
-    loop's final state; `resume_path`, `on_save`, `callback` and `progress` go to `run_loop`."""
+    """Stage 1 (eq. 2): Adam on the embedding, started at e_tgt, with the model frozen (`unet`: how the loss calls
+    it, `Editor.conditioning.unet_call()`; on SDXL the packed embedding holds context and pooled, both optimised).
+    Returns e_opt and the loop's final state; `resume_path`, `on_save`, `callback` and `progress` go to `run_loop`."""
     e = e_tgt.clone().requires_grad_(True)
     state = run_loop("stage 1: embedding", [e], lambda g: denoising_loss(unet, schedule, x0, e, g, precision),
                      steps=s.embed_steps, lr=s.embed_lr, seed=s.seed, resume_path=resume_path,
@@ -68,7 +70,7 @@ def optimize_embedding(unet: nn.Module, schedule: NoiseSchedule, x0: Tensor, e_t
     return e.detach(), state
 
 
-def finetune_unet(unet: nn.Module, schedule: NoiseSchedule, x0: Tensor, e_opt: Tensor, params: List[Tensor],
+def finetune_unet(unet: Model, schedule: NoiseSchedule, x0: Tensor, e_opt: Tensor, params: List[Tensor],
                   s: FitSettings, precision: str = "fp32", *, resume_path: Optional[Path] = None,
                   on_save: Optional[Callable[[LoopState], None]] = None,
                   callback: Optional[StepCallback] = None, progress: bool = True) -> LoopState:

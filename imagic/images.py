@@ -16,7 +16,7 @@ import os
 import stat
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -138,6 +138,15 @@ def square(img: Image.Image, size: int, fit: Fit = "crop") -> Image.Image:
     else:
         raise ValueError(f"fit must be 'crop' or 'pad', got {fit!r}")
     return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def crop_top_left(width: int, height: int, size: int, fit: Fit = "crop") -> Tuple[int, int]:
+    """Where `square` cuts the image, as (top, left) in the frame of the image resized so that the square is
+    `size` wide (SDXL's crop_coords_top_left: resize the short side to the target, then crop). (0, 0) for "pad"."""
+    if fit == "pad":
+        return (0, 0)
+    s = min(width, height)
+    return (round((height - s) // 2 * size / s), round((width - s) // 2 * size / s))
 
 
 def from_pil(img: Image.Image) -> torch.Tensor:

@@ -11,10 +11,17 @@
 `Conditioner`'s state dict is the checkpoint's under `conditioner.`: `embedders.0.transformer.*` (Hugging Face
 CLIPTextModel names) and `embedders.1.model.*` (OpenCLIP names). Embedders 2-4, the three
 `ConcatTimestepEmbedderND`, have no parameters; `size_embedding` is their computation.
+
+Imagic's "text embedding" on SDXL is the pair (context, pooled): stage 1 optimises both and stage 3 interpolates
+both with the same alpha. The editor, the optimisation loops and the samplers handle one tensor per embedding, so
+the pair travels packed (`pack`): one more row after the 77 tokens holds the pooled vector in its first entries
+and zeros after them. The zeros never reach the UNet (`unpack` drops them), so their gradient is exactly zero and
+Adam leaves them at zero; interpolating packed tensors interpolates both parts. `VectorUNet` unpacks at the UNet
+call and appends the run's fixed size/crop features to make `y`.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -22,6 +29,42 @@ from torch import nn
 from imagic.clip import OpenAICLIPTextModel, OpenCLIPTextModel
 from imagic.config import ModelConfig, TextConfig
 from imagic.unet import timestep_embedding
+
+
+def pack(context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) context and (B, P) pooled, P <= D -> (B, L + 1, D): the pooled vector as a last row, zero-padded."""
+    b, _, d = context.shape
+    if pooled.shape[-1] > d:
+        raise ValueError(f"a pooled vector of {pooled.shape[-1]} does not fit a context row of {d}")
+    row = torch.zeros(b, 1, d, dtype=context.dtype, device=context.device)
+    row[:, 0, :pooled.shape[-1]] = pooled.to(context.dtype)
+    return torch.cat([context, row], dim=1)
+
+
+def unpack(packed: torch.Tensor, pooled_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`pack`'s inverse: (context (B, L, D), pooled (B, pooled_dim))."""
+    return packed[:, :-1], packed[:, -1, :pooled_dim]
+
+
+def size_features(original_size: Tuple[int, int], crop_top_left: Tuple[int, int], target_size: Tuple[int, int],
+                  dim: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """(1, 6 * dim): the Fourier features of (h, w), (top, left), (h, w), the part of `y` after the pooled vector
+    (sgm's embedders 2-4 in the yaml's order: original_size_as_tuple, crop_coords_top_left, target_size_as_tuple)."""
+    numbers = torch.tensor([[*original_size, *crop_top_left, *target_size]], dtype=torch.float32, device=device)
+    return size_embedding(numbers, dim)
+
+
+class VectorUNet:
+    """Calls an SDXL UNet with a packed embedding, `(x, t, packed) -> unet(x, t, context, y)`, where
+    y = [pooled, size features]: the editor's and the loops' one-tensor interface on a vector-conditioned UNet."""
+
+    def __init__(self, unet: nn.Module, pooled_dim: int, sizes: torch.Tensor):
+        self.unet, self.pooled_dim, self.sizes = unet, pooled_dim, sizes
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        context, pooled = unpack(packed, self.pooled_dim)
+        sizes = self.sizes.to(device=pooled.device, dtype=pooled.dtype).expand(pooled.shape[0], -1)
+        return self.unet(x, t, context, torch.cat([pooled, sizes], dim=1))
 
 
 def size_embedding(numbers: torch.Tensor, dim: int) -> torch.Tensor:
@@ -72,7 +115,5 @@ class Conditioner(nn.Module):
     def vector(self, pooled: torch.Tensor, original_size: Tuple[int, int], crop_top_left: Tuple[int, int],
                target_size: Tuple[int, int]) -> torch.Tensor:
         """`y` (B, adm_in_channels): pooled, then the embedded (h, w), (top, left) and (h, w) of every row."""
-        numbers = torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32,
-                               device=pooled.device)
-        sizes = size_embedding(numbers.expand(pooled.shape[0], -1), self.size_embed_dim)
-        return torch.cat([pooled, sizes.to(pooled.dtype)], dim=1)
+        sizes = size_features(original_size, crop_top_left, target_size, self.size_embed_dim, pooled.device)
+        return torch.cat([pooled, sizes.to(pooled.dtype).expand(pooled.shape[0], -1)], dim=1)

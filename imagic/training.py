@@ -71,9 +71,10 @@ def peak_memory(device: torch.device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process max RSS)"
 
 
-def denoising_loss(unet: nn.Module, schedule: NoiseSchedule, x0: Tensor, context: Tensor,
-                   generator: torch.Generator, precision: str = "fp32") -> Tensor:
-    """One Monte-Carlo sample of the denoising loss, noise and timestep from `generator` (a CPU generator)."""
+def denoising_loss(unet: Callable[[Tensor, Tensor, Tensor], Tensor], schedule: NoiseSchedule, x0: Tensor,
+                   context: Tensor, generator: torch.Generator, precision: str = "fp32") -> Tensor:
+    """One Monte-Carlo sample of the denoising loss, noise and timestep from `generator` (a CPU generator).
+    `unet(x_t, t, context)`: the UNet, or on SDXL the `VectorUNet` call of a packed embedding (imagic.conditioning)."""
     b = x0.shape[0]
     t = torch.randint(0, schedule.num_timesteps, (b,), generator=generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)

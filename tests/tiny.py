@@ -17,6 +17,8 @@ from tests.helpers import randomize_
 
 def tiny_config(family: str = "sd1") -> ModelConfig:
     vae = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4)
+    if family == "sdxl":
+        return tiny_sdxl_config(vae)
     if family == "sd1":
         unet = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_res_blocks=1,
                           num_heads=8, context_dim=64)
@@ -31,15 +33,31 @@ def tiny_config(family: str = "sd1") -> ModelConfig:
                        text=text)
 
 
+def tiny_sdxl_config(vae: VAEConfig) -> ModelConfig:
+    """SDXL's structure at widths whose conventions detection reads back: 64-channel heads in the UNet and the
+    towers, per-level depth (1, 1, 2), no attention at the first level, y = pooled 32 + 6 x 8. A loaded SDXL file
+    says 1024 px (sgm's yaml has no image size); tests edit at 32 (`Editor(resolution=32)`, `--resolution 32`)."""
+    unet = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), attention_resolutions=(4, 2), num_res_blocks=1,
+                      num_heads=-1, num_head_channels=64, transformer_depth=(1, 1, 2), context_dim=128,
+                      use_linear_in_transformer=True, num_classes="sequential", adm_in_channels=32 + 6 * 8)
+    text = TextConfig(kind="openai", width=64, layers=2, heads=1, mlp_width=128, projection_dim=64,
+                      layer="penultimate", final_norm=False)
+    text2 = TextConfig(kind="openclip", width=64, layers=3, heads=1, mlp_width=128, projection_dim=32, act="gelu",
+                       layer="penultimate", final_norm=False)
+    return ModelConfig(family="sdxl", scale_factor=0.13025, image_size=1024, unet=unet, vae=vae, text=text,
+                       text2=text2)
+
+
 def tiny_models(cfg: ModelConfig, seed: int = 0):
     from imagic.clip import build_text_encoder
+    from imagic.sdxl import Conditioner
     from imagic.unet import UNetModel
     from imagic.vae import AutoencoderKL
 
     torch.manual_seed(seed)
     unet = randomize_(UNetModel(cfg.unet), seed).eval()
     vae = randomize_(AutoencoderKL(cfg.vae), seed + 1).eval()
-    text = randomize_(build_text_encoder(cfg.text), seed + 2).eval()
+    text = randomize_(Conditioner(cfg) if cfg.text2 is not None else build_text_encoder(cfg.text), seed + 2).eval()
     return unet, vae, text
 
 
