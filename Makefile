@@ -39,7 +39,7 @@ DEMO_SETTINGS := --embed-steps 100 --embed-lr 1e-2 --finetune full --finetune-st
 demo: $(VENV)/.runtime
 	rm -rf demo_out
 	$(PY) -m imagic.cli edit --ckpt weights/shapes/shapes.safetensors --image weights/shapes/example_red_circle.png \
-		--prompt "a yellow circle on a blue background" --out demo_out $(DEMO_SETTINGS) --quiet
+		--prompt "a red star on a blue background" --out demo_out $(DEMO_SETTINGS) --quiet
 	@echo "demo: input demo_out/input.png, alpha sweep demo_out/grid.png (rows: seeds, columns: alpha; 0 = input)"
 
 bench: venv

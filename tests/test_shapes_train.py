@@ -278,13 +278,14 @@ def test_gradient_l1_is_zero_for_equal_images_and_counts_a_softened_edge():
     assert train_recipe.gradient_l1(soft, sharp).item() == pytest.approx(expected) and expected > 0.05
 
 
-def test_img2img_from_a_low_strength_keeps_shapes_that_a_high_one_loses():
-    """`img2img_shape_kept`, the diagnostic of weights/shapes/README.md, on the shipped model: from strength 0.1
-    img2img keeps the shape of most held-out non-circles (measured: 14/16), from 0.85 it draws mostly blobs (3/16).
-    16 scenes, not 8 as until stop 23: the shipped model keeps 6 of the first 8, exactly the bar."""
+def test_img2img_keeps_shapes_from_low_and_high_strengths():
+    """`img2img_shape_kept`, the diagnostic of weights/shapes/README.md, on the shipped model, with each scene's own
+    caption: from strength 0.1 the shape survives from the input, from 0.85 the model must draw it from the
+    caption. The 4000-step model shipped until issue 30 kept 14/16 from 0.1 and only 3/16 from 0.85 (blobs); the
+    16000-step model keeps 15/16 and 14/16 (measured on 2026-12-07)."""
     kept = train_outputs.img2img_shape_kept(TRAIN_PY.parent / "shapes.safetensors", [0.1, 0.85], n=16)
     assert set(kept) == {0.1, 0.85}
-    assert kept[0.1] >= 0.75 and kept[0.85] <= kept[0.1] - 0.25, kept
+    assert kept[0.1] >= 0.75 and kept[0.85] >= 0.75, kept
 
 
 def test_an_interrupted_run_reuses_only_an_autoencoder_trained_with_the_same_settings(tmp_path):

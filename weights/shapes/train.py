@@ -85,8 +85,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-weight", type=float, default=1e-8)
     p.add_argument("--edge-weight", type=float, default=0.0,
                    help="weight of an L1 loss on the autoencoder's pixel differences (sharper edges)")
-    p.add_argument("--pool", type=int, default=6000)
-    p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--pool", type=int, default=20000)
+    p.add_argument("--unet-steps", type=int, default=16000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--uncond-prob", type=float, default=0.1)
@@ -113,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
                    help="draw t uniformly and weight the loss (the shipped run), or in proportion to its Min-SNR "
                         "weight (the same objective, less variance)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the UNet and text encoder weights")
-    p.add_argument("--snapshot-every", type=int, default=1000, help="UNet steps between snapshots in --work")
+    p.add_argument("--snapshot-every", type=int, default=2000, help="UNet steps between snapshots in --work")
     p.add_argument("--save-every", type=int, default=250, help="UNet steps between resumable states in --work")
     return p
 
