@@ -3,7 +3,8 @@
     python -m benchmarks.kernel_compile                 # every launch x config x arch -> results/kernel_compile.md
     python -m benchmarks.kernel_compile --subset        # one launch per kernel, sm_80/86/90, bf16 (the test's run)
 
-How: the real models (SD1.5 and SD2.x UNets, VAE, both text encoders) run forward and backward on `meta` tensors
+How: the real models (SD1.5, SD2.x and SDXL UNets, the VAE, every text encoder: SD1's, SD2's and SDXL's two
+towers) run forward and backward on `meta` tensors
 under `imagic.kernels.launch.recording(arch)`, so the project's own launchers say which kernels they launch with
 which arguments and candidate configs, and nothing is computed. Each distinct compilation (benchmarks/cubin.py:
 same kernel, argument types, specialisation and config) is compiled for each target in `launch.TARGETS`, fp16
@@ -37,6 +38,7 @@ from imagic.clip import build_text_encoder
 from imagic.config import ModelConfig, preset
 from imagic.kernels import launch as L
 from imagic.kernels import use_triton
+from imagic.sdxl import Conditioner
 from imagic.unet import UNetModel
 from imagic.vae import AutoencoderKL
 
@@ -56,14 +58,23 @@ def _meta(factory: Callable[[], nn.Module], dtype: torch.dtype, norms_fp32: bool
     return model
 
 
+def _vector(cfg: ModelConfig, batch: int, requires_grad: bool = False) -> Optional[torch.Tensor]:
+    """SDXL's `y` (pooled vector + size features) for a vector-conditioned UNet, else None (SD 1.x / 2.x)."""
+    if cfg.unet.num_classes is None:
+        return None
+    return torch.empty(batch, cfg.unet.adm_in_channels, device="meta", dtype=HALF, requires_grad=requires_grad)
+
+
 def unet_training(cfg: ModelConfig, image: int, norms_fp32: bool) -> Workload:
-    """One step of Imagic's stages 1 and 2 (batch 1): forward, then backward to every weight and the context."""
+    """One step of Imagic's stages 1 and 2 (batch 1): forward, then backward to every weight and the context
+    (on SDXL also to `y`, whose pooled part stage 1 optimises)."""
     def run() -> None:
         unet = _meta(lambda: UNetModel(cfg.unet), HALF, norms_fp32)
         s = image // 8
         x = torch.empty(1, cfg.unet.in_channels, s, s, device="meta", dtype=HALF)
         context = torch.empty(1, 77, cfg.unet.context_dim, device="meta", dtype=HALF, requires_grad=True)
-        unet(x, torch.zeros(1, device="meta", dtype=torch.long), context).float().sum().backward()
+        unet(x, torch.zeros(1, device="meta", dtype=torch.long), context,
+             _vector(cfg, 1, requires_grad=True)).float().sum().backward()
     return run
 
 
@@ -74,7 +85,7 @@ def unet_sampling(cfg: ModelConfig, image: int) -> Workload:
         s = image // 8
         x = torch.empty(2, cfg.unet.in_channels, s, s, device="meta", dtype=HALF)
         unet(x, torch.zeros(2, device="meta", dtype=torch.long),
-             torch.empty(2, 77, cfg.unet.context_dim, device="meta", dtype=HALF))
+             torch.empty(2, 77, cfg.unet.context_dim, device="meta", dtype=HALF), _vector(cfg, 2))
     return run
 
 
@@ -90,14 +101,18 @@ def vae_roundtrip(cfg: ModelConfig, image: int) -> Workload:
 
 
 def text_encoding(cfg: ModelConfig) -> Workload:
+    """The prompt's encoding: the text encoder, or on SDXL both towers (`imagic.sdxl.Conditioner`)."""
     def run() -> None:
-        text = _meta(lambda: build_text_encoder(cfg.text), HALF).requires_grad_(False)
-        text(torch.zeros(1, 77, device="meta", dtype=torch.long))
+        ids = torch.zeros(1, 77, device="meta", dtype=torch.long)
+        if cfg.text2 is not None:
+            _meta(lambda: Conditioner(cfg), HALF).requires_grad_(False)(ids, ids)
+        else:
+            _meta(lambda: build_text_encoder(cfg.text), HALF).requires_grad_(False)(ids)
     return run
 
 
 def workloads(subset: bool) -> Dict[str, Workload]:
-    sd1, sd2, sd2v = preset("sd1"), preset("sd2"), preset("sd2-v")
+    sd1, sd2, sd2v, sdxl = preset("sd1"), preset("sd2"), preset("sd2-v"), preset("sdxl")
     if subset:
         return {"SD1.5 UNet train 512": unet_training(sd1, 512, False), "SD1 text": text_encoding(sd1)}
     return {
@@ -110,8 +125,13 @@ def workloads(subset: bool) -> Dict[str, Workload]:
         "SD2 UNet sample 768": unet_sampling(sd2v, 768),
         "VAE 512": vae_roundtrip(sd1, 512),
         "VAE 768": vae_roundtrip(sd2v, 768),
+        "SDXL UNet train 1024": unet_training(sdxl, 1024, False),
+        "SDXL UNet full fine-tune 1024": unet_training(sdxl, 1024, True),
+        "SDXL UNet sample 1024": unet_sampling(sdxl, 1024),
+        "VAE 1024": vae_roundtrip(sdxl, 1024),
         "SD1 text": text_encoding(sd1),
         "SD2 text": text_encoding(sd2),
+        "SDXL text": text_encoding(sdxl),
     }
 
 

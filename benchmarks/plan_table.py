@@ -1,8 +1,8 @@
 """The README's memory and time table (issue 31, item 5): planned peak on the GPU and compute-bound time floor of
-a whole edit, for SD1.5 at 512² and SD2.1-v at 768², each precision, LoRA and full fine-tuning, gradient
-checkpointing off and on, with the editor's defaults (1000 embedding steps, 500 LoRA / 1500 full steps, 5 alphas
-x 2 seeds at 50 DDIM steps, our Triton kernels). No GPU and no weights needed: `imagic.plan` runs the real models
-on meta tensors.
+a whole edit, for SD1.5 at 512² and SD2.1-v at 768² in each precision and SDXL base at 1024² in fp16 and bf16
+(issue 32), LoRA and full fine-tuning, gradient checkpointing off and on, with the editor's defaults (1000
+embedding steps, 500 LoRA / 1500 full steps, 5 alphas x 2 seeds at 50 DDIM steps, our Triton kernels). No GPU
+and no weights needed: `imagic.plan` runs the real models on meta tensors.
 
     python benchmarks/plan_table.py          # about 2 minutes on 2 CPU cores
 
@@ -18,7 +18,9 @@ from common import write_table
 from imagic.gpus import GIB
 from imagic.plan import plan
 
-FAMILIES = (("sd1", 512, "SD1.5 512²"), ("sd2-v", 768, "SD2.1-v 768²"))
+ALL_PRECISIONS = ("fp32", "fp16", "bf16")
+FAMILIES = (("sd1", 512, "SD1.5 512²", ALL_PRECISIONS), ("sd2-v", 768, "SD2.1-v 768²", ALL_PRECISIONS),
+            ("sdxl", 1024, "SDXL 1024²", ("fp16", "bf16")))
 FLOOR_GPUS = ("A100", "H100 SXM", "RTX 4090", "T4")
 
 
@@ -28,8 +30,9 @@ def _minutes(seconds) -> str:
 
 def rows() -> List[List[str]]:
     out = []
-    for (family, resolution, label), precision, finetune, checkpointing in itertools.product(
-            FAMILIES, ("fp32", "fp16", "bf16"), ("lora", "full"), (False, True)):
+    settings = [(f, precision, finetune, checkpointing) for f in FAMILIES
+                for precision, finetune, checkpointing in itertools.product(f[3], ("lora", "full"), (False, True))]
+    for (family, resolution, label, _), precision, finetune, checkpointing in settings:
         p = plan(family, device="cuda", precision=precision, finetune=finetune, resolution=resolution,
                  gradient_checkpointing=checkpointing, seeds=2, alphas=5, kernels="triton")
         worst = max(p.stages, key=lambda s: p.stages[s].device_bytes)

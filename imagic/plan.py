@@ -13,6 +13,9 @@ the stage does not run (the text encoder and VAE during UNet stages, the UNet an
 and the copies it takes to restore the base UNet afterwards (`fitting.trainable` clones the whole UNet for full
 fine-tuning, `fitting.finetuned_weights` clones it for full samples and keeps the pre-merge LoRA-targeted weights
 for LoRA samples); `offload=True` plans without them, for an editor that keeps only what each stage runs.
+Every family takes the same path, decided by the config: with a second text tower (`text2`, SDXL) the text
+encoder is both towers and the embedding is the packed (1, 78, width) one; a vector-conditioned UNet
+(`unet.num_classes`) is called through `sdxl.VectorUNet` with its `y` (`plan_steps`).
 On CUDA attention is our Triton flash kernel (it saves q, k, v, the output and the row logsumexp, never the Lq x Lk
 scores), counted by running under `kernels.launch.recording` for an sm_80 GPU, where the kernels allocate what
 they allocate on a GPU and record their launches instead of running; on the CPU it is the CPU SDPA kernel.
@@ -41,13 +44,11 @@ import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from . import lora as L
-from .assemble import meta_model
-from .clip import build_text_encoder
 from .config import ModelConfig, preset
 from .kernels import triton_available
 from .gpus import CARDS_GB, CUDA_RESERVE_BYTES, GIB, GPUS
-from .plan_steps import Counted, count, meta_unet, meta_vae, model_bytes, sample, stage1, stage2, vae_decode, \
-    vae_encode
+from .plan_steps import Counted, count, meta_text, meta_unet, meta_vae, model_bytes, sample, stage1, stage2, \
+    vae_decode, vae_encode
 from .training import PRECISIONS
 
 STAGES = ("stage1", "stage2", "sample", "vae_encode", "vae_decode")
@@ -156,7 +157,7 @@ def plan(model: Union[str, ModelConfig], device: str = "cuda", precision: str = 
          embed_steps: int = 1000, finetune_steps: Optional[int] = None, ddim_steps: int = 50,
          kernels: str = "auto", offload: bool = False, reserve_bytes: int = CUDA_RESERVE_BYTES,
          sample_batch: int = 1) -> Plan:
-    """The plan of an edit of `model` (a family preset name: "sd1", "sd2", "sd2-v", or a ModelConfig).
+    """The plan of an edit of `model` (a family preset name: "sd1", "sd2", "sd2-v", "sdxl", or a ModelConfig).
 
     resolution: pixels (default: the model's native size); seeds, alphas: counts or lists, the edit samples their
     product of images, `sample_batch` per UNet call (the Editor's is 1: it runs each seed's DDIM loop alone, and
@@ -173,11 +174,10 @@ def plan(model: Union[str, ModelConfig], device: str = "cuda", precision: str = 
     steps = {"stage1": embed_steps, "stage2": finetune_steps or (500 if finetune == "lora" else 1500),
              "sample": ddim_steps * -(-images // batch), "vae_encode": 1, "vae_decode": images}
     latent = resolution // cfg.vae.downsample_factor
-    dtype = PRECISIONS[precision]
 
     unet = meta_unet(cfg, precision, gradient_checkpointing)
     vae = meta_vae(cfg)
-    text = meta_model(lambda: build_text_encoder(cfg.text), "text encoder").to(dtype)
+    text = meta_text(cfg, precision)  # SDXL: both towers (sdxl.Conditioner)
     unet_bytes, vae_bytes, text_bytes = model_bytes(unet), model_bytes(vae), model_bytes(text)
     counted: Dict[str, Counted] = {"stage1": count(stage1(unet, cfg, latent), device, precision, triton)}
     counted["sample"] = count(sample(unet, cfg, latent, batch), device, precision, triton)

@@ -7,6 +7,11 @@ the steps it measures, here on `meta` tensors, and the counting of one step's by
     vae_encode  the input image to its latent (posterior mean), VAE in fp32
     vae_decode  one latent to an image, VAE in fp32 (the editor decodes one latent at a time)
 
+The text embedding is the editor's (imagic.conditioning): (1, 77, context_dim), or on a model with a second,
+pooled text tower (SDXL) context and pooled vector packed into one more row, (1, 78, context_dim)
+(`imagic.sdxl.pack`); a vector-conditioned UNet (`num_classes` set) is called through `imagic.sdxl.VectorUNet`,
+which unpacks it and appends a native-size, uncropped image's size features to make `y`, as the editor calls it.
+
 Precision as in the editor: frozen UNet weights in the working precision, the embedding, LoRA matrices, full
 fine-tuning weights and their Adam state in fp32, autocast for the UNet forward (`meta_device.AsOnDevice`
 stands in for it). Adam is torch's fused implementation, which `training.make_adam` picks on CPU and CUDA for
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -37,12 +42,14 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backwa
 from . import kernels
 from . import lora as L
 from .assemble import meta_model
+from .clip import build_text_encoder
 from .config import ModelConfig
 from .kernels import launch
 from .meta_device import AsOnDevice
 from .plan_memory import StorageTracker
 from .samplers import ddim_step, guided_model_output
 from .schedule import NoiseSchedule
+from .sdxl import Conditioner, VectorUNet, size_features
 from .training import PRECISIONS, denoising_loss
 from .unet import UNetModel
 from .vae import AutoencoderKL, DiagonalGaussian
@@ -162,8 +169,33 @@ def meta_vae(cfg: ModelConfig) -> AutoencoderKL:
     return meta_model(lambda: AutoencoderKL(cfg.vae), "VAE").requires_grad_(False)  # fp32, as the editor
 
 
+def meta_text(cfg: ModelConfig, precision: str) -> nn.Module:
+    """The text encoder the editor holds: one tower, or both of SDXL's (`sdxl.Conditioner`) with a second one."""
+    factory = (lambda: Conditioner(cfg)) if cfg.text2 is not None else (lambda: build_text_encoder(cfg.text))
+    return meta_model(factory, "text encoder").to(PRECISIONS[precision])
+
+
 def _meta(*shape: int, requires_grad: bool = False) -> Tensor:
     return torch.empty(shape, device="meta").requires_grad_(requires_grad)
+
+
+def embedding(cfg: ModelConfig, batch: int = 1, requires_grad: bool = False) -> Tensor:
+    """The text embedding, fp32: (batch, 77, context_dim), one row more with a pooled tower (`sdxl.pack`)."""
+    rows = TEXT_TOKENS + (0 if cfg.text2 is None else 1)
+    return _meta(batch, rows, cfg.unet.context_dim, requires_grad=requires_grad)
+
+
+def unet_call(unet: nn.Module, cfg: ModelConfig, latent: int) -> Tuple[Callable[..., Tensor], List[Tensor]]:
+    """(the UNet as the editor calls it with an embedding, the tensors that call holds): the UNet itself, or on a
+    vector-conditioned UNet a `VectorUNet` with the size features of a native-size uncropped image (fp32, as
+    `Conditioning.unet_call` makes them on the device)."""
+    if cfg.unet.num_classes is None:
+        return unet, []
+    if cfg.text2 is None:
+        raise ValueError("a vector-conditioned UNet needs the pooled vector of a second text tower (text2)")
+    size = latent * cfg.vae.downsample_factor
+    sizes = size_features((size, size), (0, 0), (size, size), cfg.size_embed_dim, torch.device("meta"))
+    return VectorUNet(unet, cfg.text2.projection_dim, sizes), [sizes]
 
 
 def _fused_adam_state(params: List[Tensor], state: Dict[int, List[Tensor]]) -> None:
@@ -179,7 +211,7 @@ def _fused_adam_state(params: List[Tensor], state: Dict[int, List[Tensor]]) -> N
 class _Autocast(nn.Module):
     """The UNet called inside the autocast region, where `training.denoising_loss` would enter torch.autocast."""
 
-    def __init__(self, unet: nn.Module, device: AsOnDevice):
+    def __init__(self, unet: Callable[..., Tensor], device: AsOnDevice):
         super().__init__()
         self.unet, self.device = unet, device
 
@@ -188,30 +220,31 @@ class _Autocast(nn.Module):
             return self.unet(x, t, context)
 
 
-def training_step(unet: nn.Module, params: List[Tensor], context: Tensor, x0: Tensor, schedule: NoiseSchedule
-                  ) -> Step:
+def training_step(unet: nn.Module, params: List[Tensor], context: Tensor, x0: Tensor, schedule: NoiseSchedule,
+                  cfg: ModelConfig) -> Step:
     """benchmarks/imagic_step.py `Trainer.step`: zero_grad(set_to_none), the denoising loss (t and noise from a
-    CPU generator), backward, Adam; resident as its `Trainer.resident`."""
+    CPU generator), backward, Adam; resident as its `Trainer.resident`. `unet` is called as `unet_call` says."""
     gen = torch.Generator().manual_seed(0)
     state: Dict[int, List[Tensor]] = {}
+    call, held = unet_call(unet, cfg, x0.shape[-1])
 
     def run(device: AsOnDevice) -> None:
         for p in params:
             p.grad = None
         # precision "fp32": no torch.autocast (none exists on meta); _Autocast stands in for it around the UNet
-        device.backward(denoising_loss(_Autocast(unet, device), schedule, x0, context, gen, "fp32"))
+        device.backward(denoising_loss(_Autocast(call, device), schedule, x0, context, gen, "fp32"))
         _fused_adam_state(params, state)
 
     trainable = {id(p) for p in params}
     frozen = [t for t in [*unet.parameters(), *unet.buffers()] if id(t) not in trainable]
-    return Step(run, {"trainable": list(params), "weights": frozen, "activations": [context, x0]},
+    return Step(run, {"trainable": list(params), "weights": frozen, "activations": [context, x0, *held]},
                 lambda: [*(p.grad for p in params), *(t for s in state.values() for t in s)])
 
 
 def stage1(unet: nn.Module, cfg: ModelConfig, latent: int) -> Step:
-    e = _meta(1, TEXT_TOKENS, cfg.unet.context_dim, requires_grad=True)  # the embedding is param and context
+    e = embedding(cfg, requires_grad=True)  # the embedding is param and context
     return training_step(unet, [e], e, _meta(1, cfg.unet.in_channels, latent, latent),
-                         NoiseSchedule.from_config(cfg))
+                         NoiseSchedule.from_config(cfg), cfg)
 
 
 @contextlib.contextmanager
@@ -224,8 +257,8 @@ def stage2(unet: nn.Module, cfg: ModelConfig, latent: int, finetune: str, lora_r
         unet.float().requires_grad_(True)
         params = list(unet.parameters())
     try:
-        yield training_step(unet, params, _meta(1, TEXT_TOKENS, cfg.unet.context_dim),
-                            _meta(1, cfg.unet.in_channels, latent, latent), NoiseSchedule.from_config(cfg))
+        yield training_step(unet, params, embedding(cfg), _meta(1, cfg.unet.in_channels, latent, latent),
+                            NoiseSchedule.from_config(cfg), cfg)
     finally:
         if finetune == "lora":
             L.remove_lora(unet)
@@ -235,18 +268,19 @@ def sample(unet: nn.Module, cfg: ModelConfig, latent: int, batch: int) -> Step:
     """benchmarks/imagic_step.py `sampling_step` for `batch` latents (each with its own context: seeds x alphas)."""
     dtype = next(unet.parameters()).dtype
     x = _meta(batch, cfg.unet.in_channels, latent, latent)
-    context, uncond = _meta(batch, TEXT_TOKENS, cfg.unet.context_dim), _meta(1, TEXT_TOKENS, cfg.unet.context_dim)
+    context, uncond = embedding(cfg, batch), embedding(cfg)
     schedule = NoiseSchedule.from_config(cfg)
+    call, held = unet_call(unet, cfg, latent)
 
     def denoiser(x_: Tensor, t: Tensor, c: Tensor) -> Tensor:  # the editor's `_denoiser`
-        return unet(x_.to(dtype), t, c.to(dtype)).float()
+        return call(x_.to(dtype), t, c.to(dtype)).float()
 
     def run(device: AsOnDevice) -> None:
         with torch.no_grad(), device.autocast():
             out = guided_model_output(denoiser, x, SAMPLE_T, context, uncond, GUIDANCE)
             ddim_step(schedule, out, x, SAMPLE_T, SAMPLE_T_PREV)
 
-    return Step(run, {"weights": [*unet.parameters(), *unet.buffers()], "activations": [x, context, uncond]})
+    return Step(run, {"weights": [*unet.parameters(), *unet.buffers()], "activations": [x, context, uncond, *held]})
 
 
 def vae_encode(vae: AutoencoderKL, cfg: ModelConfig, resolution: int) -> Step:
