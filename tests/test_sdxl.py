@@ -26,7 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from imagic import detect as D
 from imagic.checkpoint import CheckpointError
-from imagic.config import (ConfigError, ModelConfig, TextConfig, UNetConfig, VAEConfig, from_ldm_yaml, preset,
+from imagic.config import (ConfigError, ModelConfig, TextConfig, UNetConfig, from_ldm_yaml, preset,
                            to_ldm_yaml)
 from imagic.export import ldm_state_dict as file_state_dict
 from imagic.export import save_checkpoint
@@ -36,6 +36,7 @@ from imagic.tokenizer import Tokenizer
 from imagic.unet import UNetModel
 from imagic.vae import AutoencoderKL
 from tests.helpers import randomize_, rel_err
+from tests.tiny import tiny_config
 
 TOL = 1e-4
 PREFIX = "model.diffusion_model."
@@ -482,18 +483,8 @@ def test_sdxl_look_alikes_are_refused_in_one_line(sd, message: str):
 
 
 def tiny_sdxl() -> ModelConfig:
-    """SDXL's structure at widths whose conventions detection can read back: 64-channel heads in the UNet and
-    the towers, per-level depth (1, 1, 2), no attention at the first level; y = pooled 32 + 6 x 8."""
-    unet = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), attention_resolutions=(4, 2), num_res_blocks=1,
-                      num_heads=-1, num_head_channels=64, transformer_depth=(1, 1, 2), context_dim=128,
-                      use_linear_in_transformer=True, num_classes="sequential", adm_in_channels=32 + 6 * 8)
-    text = TextConfig(kind="openai", width=64, layers=2, heads=1, mlp_width=128, projection_dim=64,
-                      layer="penultimate", final_norm=False)
-    text2 = TextConfig(kind="openclip", width=64, layers=3, heads=1, mlp_width=128, projection_dim=32, act="gelu",
-                       layer="penultimate", final_norm=False)
-    vae = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
-    return ModelConfig(family="sdxl", scale_factor=0.13025, image_size=1024, unet=unet, vae=vae, text=text,
-                       text2=text2)
+    """SDXL's structure at widths whose conventions detection can read back (tests/tiny.py)."""
+    return tiny_config("sdxl")
 
 
 @pytest.mark.parametrize("write_yaml", [True, False], ids=["yaml-beside", "shapes-only"])
