@@ -39,6 +39,7 @@ from PIL import Image
 from imagic import shapes as S
 from imagic.fileio import write_text
 from imagic.images import save_png
+from imagic.recipes import recipe
 
 # Nothing is added to sys.path: the tests import this file, and benchmarks/ on their path would let its scripts
 # shadow installed packages (the kernel benchmark, then named kernels.py, hid the `kernels` package transformers loads).
@@ -52,25 +53,28 @@ REFERENCE = "reference: target through the VAE"
 SIZE_TOL = 0.25  # relative error of the half-extent (the autoencoder alone blunts star points by up to ~24%)
 
 
+_RECIPE = recipe("shapes")  # the defaults below are the recipe `imagic edit --recipe shapes` runs
+
+
 @dataclass(frozen=True)
 class Settings:
-    """The Imagic and sampling settings shared by the eval, the test and `make demo` (fast CPU settings)."""
+    """The Imagic and sampling settings of the eval, the test and `make demo` (imagic.recipes, fast CPU settings)."""
 
-    embed_steps: int = 100
-    embed_lr: float = 1e-2
-    finetune: str = "full"
-    finetune_steps: int = 300
-    finetune_lr: float = 2e-4
-    # The headline alpha (the test asserts on it): on the 12 tuning edits (namespace 2) 0.6 and 0.8 tied on "both"
-    # (42%), 0.8 edited more often (67% vs 42%); fine-tuning at lr 5e-4 instead of 2e-4 did worse (25% at best).
-    alpha: float = 0.8
-    alphas: Tuple[float, ...] = (0.4, 0.6, 0.8, 1.0, 1.2)  # the sweep in the table
-    guidance_scale: float = 5.0
-    steps: int = 25
-    # Deterministic DDIM for every method (the headline table). eta = 1 (fresh noise each step) draws shapes more
-    # often on this model (weights/shapes/README.md); `--set ddim_eta=1` measures every method that way.
-    ddim_eta: float = 0.0
-    strengths: Tuple[float, ...] = (0.5, 0.7, 0.85, 0.95)
+    embed_steps: int = _RECIPE.fit["embed_steps"]
+    embed_lr: float = _RECIPE.fit["embed_lr"]
+    finetune: str = _RECIPE.fit["finetune"]
+    finetune_steps: int = _RECIPE.fit["finetune_steps"]
+    finetune_lr: float = _RECIPE.fit["finetune_lr"]
+    # The headline alpha (the test asserts on it), chosen on the tuning edits (namespace 2): see
+    # benchmarks/results/shapes_budget.md and weights/shapes/README.md.
+    alpha: float = 1.4
+    alphas: Tuple[float, ...] = (0.8, 1.0, 1.2, 1.4, 1.6)  # the sweep in the table
+    guidance_scale: float = _RECIPE.sample["guidance_scale"]
+    steps: int = _RECIPE.sample["steps"]
+    # Deterministic DDIM for every method (the headline table). `--set ddim_eta=1` measures every method with
+    # fresh noise at each step (benchmarks/results/shapes_eval_eta1.md).
+    ddim_eta: float = _RECIPE.sample["ddim_eta"]
+    strengths: Tuple[float, ...] = (0.3, 0.4, 0.5, 0.7, 0.85, 0.95)
 
     def fit_kwargs(self, seed: int) -> Dict:
         return dict(embed_steps=self.embed_steps, embed_lr=self.embed_lr, finetune=self.finetune,
@@ -126,40 +130,52 @@ def score(image: Image.Image, edit: Edit) -> Tuple[bool, bool]:
     return success, bool(untouched and a.components == 1 and position and size)
 
 
-def run_edit(editor, edit: Edit, settings: Settings) -> Dict[str, Image.Image]:
-    """Every method's output for one edit, keyed by method name."""
+Results = Dict[str, List[Tuple[bool, bool, str]]]  # per method, a (success, identity, kind) triple per edit
+
+
+def run_edit(editor, edit: Edit, settings: Settings, etas: Sequence[float] = ()) -> Dict[float, Dict[str, Image.Image]]:
+    """Every method's output for one edit, keyed by method name, per DDIM eta (default: the settings' own); one
+    Imagic fit serves every eta, as stage 3 alone depends on it."""
     image = S.render_pil(edit.source)
     seed = edit.index
     run = editor.fit(image, edit.prompt, **settings.fit_kwargs(seed))
-    sampling = settings.sampling_kwargs()
-    res = editor.sample(run, alpha=list(settings.alphas), seeds=[seed], save=False, **sampling)
-    out = {f"imagic alpha={a:g}": res.images[(seed, a)] for a in settings.alphas}
-    out["txt2img"] = editor.txt2img(edit.prompt, seeds=[seed], **sampling)[0]
-    for s in settings.strengths:
-        out[f"sdedit strength={s:g}"] = editor.img2img(image, edit.prompt, strength=s, seeds=[seed], **sampling)[0]
-    out[REFERENCE] = editor.decode(editor.encode_image(S.render_pil(edit.target)))[0]
-    return out
+    reference = editor.decode(editor.encode_image(S.render_pil(edit.target)))[0]
+    outputs = {}
+    for eta in etas or (settings.ddim_eta,):
+        sampling = {**settings.sampling_kwargs(), "ddim_eta": eta}
+        res = editor.sample(run, alpha=list(settings.alphas), seeds=[seed], save=False, **sampling)
+        out = {f"imagic alpha={a:g}": res.images[(seed, a)] for a in settings.alphas}
+        out["txt2img"] = editor.txt2img(edit.prompt, seeds=[seed], **sampling)[0]
+        for s in settings.strengths:
+            out[f"sdedit strength={s:g}"] = editor.img2img(image, edit.prompt, strength=s, seeds=[seed],
+                                                           **sampling)[0]
+        out[REFERENCE] = reference
+        outputs[eta] = out
+    return outputs
 
 
-def evaluate(editor, edits: Sequence[Edit], settings: Settings, log=None,
-             keep_images: int = 0) -> Tuple[Dict[str, List[Tuple[bool, bool, str]]], List[Dict[str, Image.Image]]]:
-    """Per method, a (success, identity, kind) triple per edit; also the images of the first `keep_images` edits."""
-    results: Dict[str, List[Tuple[bool, bool, str]]] = {}
+def evaluate(editor, edits: Sequence[Edit], settings: Settings, log=None, keep_images: int = 0,
+             etas: Sequence[float] = ()) -> Tuple[Dict[float, Results], List[Dict[str, Image.Image]]]:
+    """Per DDIM eta (default: the settings' own), the results of every method; also the images of the first
+    `keep_images` edits at the first eta."""
+    results: Dict[float, Results] = {}
     kept = []
     for edit in edits:
         t0 = time.time()
-        outputs = run_edit(editor, edit, settings)
-        for method, img in outputs.items():
-            results.setdefault(method, []).append((*score(img, edit), edit.kind))
+        outputs = run_edit(editor, edit, settings, etas)
+        for eta, out in outputs.items():
+            for method, img in out.items():
+                results.setdefault(eta, {}).setdefault(method, []).append((*score(img, edit), edit.kind))
         if len(kept) < keep_images:
-            kept.append({"input": S.render_pil(edit.source), **outputs})
+            kept.append({"input": S.render_pil(edit.source), **next(iter(outputs.values()))})
         if log:
-            log(f"edit {edit.index}: {edit.source.caption} -> {edit.prompt} ({time.time() - t0:.1f}s) " +
-                " ".join(f"{m}:{'S' if r[-1][0] else '-'}{'I' if r[-1][1] else '-'}" for m, r in results.items()))
+            log(f"edit {edit.index}: {edit.source.caption} -> {edit.prompt} ({time.time() - t0:.1f}s) " + " ".join(
+                f"eta {eta:g} {m}:{'S' if r[-1][0] else '-'}{'I' if r[-1][1] else '-'}"
+                for eta, res in results.items() for m, r in res.items()))
     return results, kept
 
 
-def summarize(results: Dict[str, List[Tuple[bool, bool, str]]]) -> Dict[str, Dict[str, float]]:
+def summarize(results: Results) -> Dict[str, Dict[str, float]]:
     """Per method: fraction with edit success, identity kept, both; and "both" per edit kind."""
     out = {}
     for method, rows in results.items():
@@ -227,33 +243,43 @@ def main() -> None:
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override Settings fields, e.g. --set finetune_lr=5e-4 alphas=0.8,1.0,1.2")
     p.add_argument("--table", default="shapes_eval", help="name of the table written to benchmarks/results/")
+    p.add_argument("--etas", type=lambda t: tuple(float(v) for v in t.split(",")), default=(),
+                   help="DDIM etas to sample each fit with, e.g. 0,1 (default: the settings' own); the table of an "
+                        "eta other than the settings' gets the suffix _eta<value>")
     args = p.parse_args()
     settings = with_overrides(Settings(), args.set)
     edits = make_edits(args.edits, args.namespace)
     if args.combine:
         shards = [json.loads(f.read_text()) for f in args.combine]
-        results = {m: [tuple(r) for sh in shards for r in sh["results"][m]] for m in shards[0]["results"]}
-        elapsed, n = sum(sh["cpu_minutes"] for sh in shards) * 60, sum(sh["n"] for sh in shards)
-        shards_used = f"{len(shards)} shard{'s' if len(shards) > 1 else ''}"
-        return write_report(results, settings, args, n, elapsed, shards_used)
+        cpu_seconds, n = sum(sh["cpu_minutes"] for sh in shards) * 60, sum(sh["n"] for sh in shards)
+        how = f"{len(shards)} shard{'s' if len(shards) > 1 else ''}"
+        for eta in shards[0]["results"]:
+            results = {m: [tuple(r) for sh in shards for r in sh["results"][eta][m]]
+                       for m in shards[0]["results"][eta]}
+            write_report(results, dataclasses.replace(settings, ddim_eta=float(eta)), args, n, cpu_seconds, how)
+        return None
     i, n_shards = (int(v) for v in args.shard.split("/"))
     mine = edits[i::n_shards]
     editor = load_editor(args.ckpt, args.threads)
     t0, c0 = time.time(), time.process_time()
-    results, kept = evaluate(editor, mine, settings, log=print, keep_images=9 if i == 0 else 0)
+    by_eta, kept = evaluate(editor, mine, settings, log=print, keep_images=9 if i == 0 else 0, etas=args.etas)
     if kept and not args.no_write:
         save_png(examples_grid(kept, mine), args.examples)
         print(f"wrote {args.examples}")
     if args.save:
-        write_text(args.save, json.dumps({"results": results, "n": len(mine),
+        write_text(args.save, json.dumps({"results": {str(eta): r for eta, r in by_eta.items()}, "n": len(mine),
                                           "wall_minutes": (time.time() - t0) / 60,
                                           "cpu_minutes": (time.process_time() - c0) / 60}))
         return None
-    return write_report(results, settings, args, len(mine), time.process_time() - c0, "1 process")
+    for eta, results in by_eta.items():
+        write_report(results, dataclasses.replace(settings, ddim_eta=eta), args, len(mine),
+                     time.process_time() - c0, "1 process")
+    return None
 
 
-def write_report(results: Dict[str, List[Tuple[bool, bool, str]]], settings: Settings, args: argparse.Namespace,
-                 n: int, cpu_seconds: float, how: str) -> None:
+def write_report(results: Results, settings: Settings, args: argparse.Namespace, n: int, cpu_seconds: float,
+                 how: str) -> None:
+    """The table of one eta (`settings.ddim_eta`); CPU time is that of the whole run, every eta together."""
     summary = summarize(results)
     pct = lambda v: f"{100 * v:.0f}%"  # noqa: E731
     rows = [[m, pct(r["success"]), pct(r["identity"]), f"**{pct(r['both'])}**",
@@ -267,8 +293,16 @@ def write_report(results: Dict[str, List[Tuple[bool, bool, str]]], settings: Set
         "noise as Imagic).",
         f"Identity kept: untouched attributes unchanged, one shape, box centre within {POSITION_TOL:g} px and "
         f"half-extent within {100 * SIZE_TOL:.0f}% of the target scene's. Judged by imagic.shapes.analyze.",
-        f"CPU time {cpu_seconds / 60:.1f} min ({cpu_seconds / n:.1f} s per edit, all methods; {how}, 1 thread each).",
+        f"CPU time {cpu_seconds / 60:.1f} min ({cpu_seconds / n:.1f} s per edit, all methods"
+        f"{', every eta of the run: one fit serves them all' if len(args.etas) > 1 else ''}; {how}, 1 thread each).",
     ]
+    headline = f"imagic alpha={settings.alpha:g}"
+    if headline in summary:
+        sd_name, _ = best(summary, "sdedit")
+        kinds_of = lambda m: ", ".join(f"{k} {pct(summary[m][f'both_{k}'])}" for k in KINDS)  # noqa: E731
+        notes.append(f"Headline (alpha {settings.alpha:g}, chosen on the tuning edits): Imagic "
+                     f"{pct(summary[headline]['both'])} ({kinds_of(headline)}); best SDEdit, {sd_name}: {pct(summary[sd_name]['both'])} "
+                     f"({kinds_of(sd_name)}); txt2img {pct(summary['txt2img']['both'])}.")
     header = ["method", "edit success", "identity kept", "both", "both: shape edits", "both: colour edits",
               "both: background edits"]
     from common import markdown_table, write_table  # run as a script: benchmarks/ is sys.path[0]
@@ -278,7 +312,9 @@ def write_report(results: Dict[str, List[Tuple[bool, bool, str]]], settings: Set
     else:
         title = "held-out edits" if args.namespace == EVAL_NAMESPACE else f"tuning edits (namespace {args.namespace})"
         model = "the shipped shapes model" if args.ckpt.resolve() == CKPT.resolve() else f"the shapes model {args.ckpt}"
-        write_table(args.table, f"Imagic on {model}: {title}", header, rows, notes)
+        name = args.table if settings.ddim_eta == (args.etas or (settings.ddim_eta,))[0] else \
+            f"{args.table}_eta{settings.ddim_eta:g}"
+        write_table(name, f"Imagic on {model}: {title}, DDIM eta {settings.ddim_eta:g}", header, rows, notes)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ settings, the user-error type and exit code, device parsing, and the editor buil
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+from .recipes import RECIPES
 
 if TYPE_CHECKING:
     import torch
@@ -73,8 +75,23 @@ def add_model_args(p: argparse.ArgumentParser, ckpt_required: bool = True) -> No
                    help="run even when the plan says it will not fit the GPU's free memory (see `imagic plan`)")
 
 
-def add_fit_args(p: argparse.ArgumentParser) -> None:
-    """The stage 1-2 settings (FitSettings), shared by `edit`, `train` and `batch`."""
+def add_recipe_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", choices=list(RECIPES), default="paper",
+                   help="named settings; explicit flags override them. " +
+                        "; ".join(f"{k}: {r.about}" for k, r in RECIPES.items()))
+
+
+def recipe_in(argv: Optional[Sequence[str]]) -> str:
+    """The --recipe named on a command line (before the full parse, whose defaults it sets; an unknown name is
+    left for that parse to report)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", default="paper")
+    return pre.parse_known_args(argv)[0].recipe
+
+
+def add_fit_args(p: argparse.ArgumentParser, recipe: str = "paper") -> None:
+    """The stage 1-2 settings (FitSettings), shared by `edit`, `train` and `batch`; `recipe`'s values as defaults."""
+
     p.add_argument("--fit", choices=["crop", "pad"], default="crop", help="non-square images: centre-crop or pad")
     p.add_argument("--finetune", choices=["lora", "full"], default="lora")
     p.add_argument("--embed-steps", type=positive(int, 0, True), default=1000)
@@ -86,10 +103,13 @@ def add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the training noise and timesteps")
     p.add_argument("--save-every", type=positive(int), default=50, help="steps between resumable saves")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    if recipe in RECIPES:
+        p.set_defaults(**RECIPES[recipe].fit)
 
 
-def add_sample_args(p: argparse.ArgumentParser) -> None:
-    """The stage 3 settings (the arguments of `Editor.sample`)."""
+def add_sample_args(p: argparse.ArgumentParser, recipe: str = "paper") -> None:
+    """The stage 3 settings (the arguments of `Editor.sample`); `recipe`'s values as defaults."""
+
     p.add_argument("--alpha", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9, 1.0],
                    help="interpolation weights of the target embedding (paper eq. 4)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -97,6 +117,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive(int), default=50, help="DDIM steps")
     p.add_argument("--ddim-eta", type=positive(float, 0, True), default=0.0)
     p.add_argument("--negative-prompt", default="")
+    if recipe in RECIPES:
+        p.set_defaults(**RECIPES[recipe].sample)
 
 
 def parse_device(name: str) -> "torch.device":

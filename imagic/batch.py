@@ -43,8 +43,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .arguments import (EXIT_USER_ERROR, UserError, add_fit_args, add_model_args, add_sample_args, make_editor,
-                        parse_device, user_errors)
+from .arguments import (EXIT_USER_ERROR, UserError, add_fit_args, add_model_args, add_recipe_arg, add_sample_args,
+                        make_editor, parse_device, recipe_in, user_errors)
 from .batch_report import edit_state, mean_over_seeds, write_summary
 from .fitting import FitSettings
 from .fileio import PathLike, write_csv, write_json, write_text
@@ -167,12 +167,13 @@ def barrier(world_size: int) -> None:
 
 # --- command line -----------------------------------------------------------------------------------------------
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
+def configure_parser(p: argparse.ArgumentParser, recipe: str = "paper") -> None:
     p.add_argument("manifest", help="edits: .jsonl / .csv / .json list (e.g. TEdBench's input_list.json)")
     p.add_argument("--out", required=True, help="output folder: one run directory per edit, the summary")
     add_model_args(p)
-    add_fit_args(p)
-    add_sample_args(p)
+    add_recipe_arg(p)
+    add_fit_args(p, recipe)
+    add_sample_args(p, recipe)
     m = p.add_argument_group("metrics (PSNR and SSIM against the input are always computed)")
     m.add_argument("--clip-weights", help="CLIP score: local open_clip checkpoint file or model folder")
     m.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture of a --clip-weights file")
@@ -183,10 +184,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thumb-size", type=int, default=128, help="contact sheet cell size in pixels")
 
 
-def add_batch_parser(subparsers) -> argparse.ArgumentParser:
+def add_batch_parser(subparsers, recipe: str = "paper") -> argparse.ArgumentParser:
     """Add the `batch` subcommand to `imagic`'s subparsers (its func is `cmd_batch`)."""
     p = subparsers.add_parser("batch", help="many edits from a manifest; spreads over processes under torchrun")
-    configure_parser(p)
+    configure_parser(p, recipe)
     p.set_defaults(func=cmd_batch)
     return p
 
@@ -254,7 +255,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """`python -m imagic.batch ...`, the same as `imagic batch ...` (torchrun can launch either with `-m`)."""
     p = argparse.ArgumentParser(prog="imagic batch", description="many Imagic edits from a manifest")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    configure_parser(p)
+    configure_parser(p, recipe_in(argv))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:

@@ -8,8 +8,8 @@ import logging
 import sys
 from typing import Dict, List, Optional
 
-from .arguments import (EXIT_USER_ERROR, UserError, add_fit_args, add_model_args, add_sample_args, make_editor,
-                        positive, prompt_text, user_errors)
+from .arguments import (EXIT_USER_ERROR, UserError, add_fit_args, add_model_args, add_recipe_arg, add_sample_args,
+                        make_editor, positive, prompt_text, recipe_in, user_errors)
 from .batch import add_batch_parser
 
 
@@ -47,11 +47,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 1 if info["problems"] else 0
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_train_args(p: argparse.ArgumentParser, recipe: str) -> None:
     p.add_argument("--image", required=True, help="input photo (any common format)")
     p.add_argument("--prompt", required=True, type=prompt_text, help='target text, e.g. "a photo of a sitting dog"')
     p.add_argument("--out", required=True, help="run directory (an existing one is resumed)")
-    add_fit_args(p)
+    add_recipe_arg(p)
+    add_fit_args(p, recipe)
 
 
 def _train(args: argparse.Namespace):
@@ -180,7 +181,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(recipe: str = "paper") -> argparse.ArgumentParser:
+    """The parser; the stage settings' defaults are `recipe`'s (imagic.recipes; `main` reads --recipe first)."""
     p = argparse.ArgumentParser(prog="imagic", description="Imagic text-based real image editing on Stable Diffusion")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
@@ -194,26 +196,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     edit = sub.add_parser("edit", help="all three Imagic stages: optimise, fine-tune, sample an alpha sweep")
     add_model_args(edit)
-    _add_train_args(edit)
-    add_sample_args(edit)
+    _add_train_args(edit, recipe)
+    add_sample_args(edit, recipe)
     edit.set_defaults(func=cmd_edit)
 
     train = sub.add_parser("train", help="stages 1-2 only (resumable); sample later with `imagic sample`")
     add_model_args(train)
-    _add_train_args(train)
+    _add_train_args(train, recipe)
     train.set_defaults(func=cmd_train)
 
     sample = sub.add_parser("sample", help="stage 3 from a trained run directory, as often as you like")
     sample.add_argument("--run", required=True, help="run directory written by `imagic edit` / `imagic train`")
     add_model_args(sample, ckpt_required=False)
-    add_sample_args(sample)
+    add_recipe_arg(sample)
+    add_sample_args(sample, recipe)
     sample.set_defaults(func=cmd_sample)
 
     t2i = sub.add_parser("txt2img", help="sanity-check a checkpoint: text to image")
     add_model_args(t2i)
     t2i.add_argument("--prompt", required=True, type=prompt_text)
     t2i.add_argument("--out", required=True, help="output directory")
-    add_sample_args(t2i)
+    add_recipe_arg(t2i)
+    add_sample_args(t2i, recipe)
     t2i.set_defaults(func=cmd_txt2img)
 
     i2i = sub.add_parser("img2img", help="sanity-check a checkpoint: SDEdit an image towards a prompt")
@@ -223,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     i2i.add_argument("--out", required=True, help="output directory")
     i2i.add_argument("--strength", type=positive(float), default=0.75)
     i2i.add_argument("--fit", choices=["crop", "pad"], default="crop")
-    add_sample_args(i2i)
+    add_recipe_arg(i2i)
+    add_sample_args(i2i, recipe)
     i2i.set_defaults(func=cmd_img2img)
 
     pl = sub.add_parser("plan", help="memory and compute of every stage of an edit, before it runs (reads no weights)")
@@ -240,16 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--offload", action="store_true",
                     help="plan for keeping only what each stage runs on the device (not what the editor does yet)")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
-    add_fit_args(pl)
-    add_sample_args(pl)
+    add_recipe_arg(pl)
+    add_fit_args(pl, recipe)
+    add_sample_args(pl, recipe)
     pl.set_defaults(func=cmd_plan)
 
-    add_batch_parser(sub)
+    add_batch_parser(sub, recipe)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    parser = build_parser(recipe_in(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     # Pillow logs an ERROR line for some broken images before raising what we report in one line anyway.

@@ -245,7 +245,7 @@ def test_imagic_beats_txt2img_and_sdedit_on_edit_and_identity(editor):
     E = _shapes_eval()
     settings = E.Settings()
     settings = E.Settings(**{**settings.__dict__, "alphas": (settings.alpha,)})
-    results, _ = E.evaluate(editor, E.make_edits(6), settings)
+    results = E.evaluate(editor, E.make_edits(6), settings)[0][settings.ddim_eta]
     summary = E.summarize(results)
     imagic = summary[f"imagic alpha={settings.alpha:g}"]["both"]
     sdedit_name, sdedit = E.best(summary, "sdedit")
