@@ -29,13 +29,12 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
-# Imagic end to end on the small built-in model (weights/shapes: 17 MB, trained on procedural shapes by
+# Imagic end to end on the small built-in model (weights/shapes: 16 MB, trained on procedural shapes by
 # weights/shapes/train.py) and its example input; about 1.5 minutes on 2 CPU cores once the venv exists.
 # For a real SD checkpoint:
 # imagic edit --ckpt v1-5-pruned-emaonly.safetensors --image photo.png --prompt "..." --out runs/photo
-# The settings of benchmarks/shapes_eval.py (its Settings class), where they are measured against the baselines.
-DEMO_SETTINGS := --embed-steps 100 --embed-lr 1e-2 --finetune full --finetune-steps 300 --finetune-lr 2e-4 \
-	--alpha 0 0.4 0.6 0.8 1.0 1.2 --seeds 0 1 --steps 25 --guidance-scale 5 --ddim-eta 0 --device cpu
+# The built-in model's recipe (imagic/recipes.py): benchmarks/results/shapes_eval.md and shapes_budget.md measure it.
+DEMO_SETTINGS := --recipe shapes --seeds 0 1 --device cpu
 demo: $(VENV)/.runtime
 	rm -rf demo_out
 	$(PY) -m imagic.cli edit --ckpt weights/shapes/shapes.safetensors --image weights/shapes/example_red_circle.png \
