@@ -11,11 +11,13 @@ from .editor import Editor, Run, SampleResult
 from .fitting import FitSettings
 from .loader import inspect_checkpoint, load_checkpoint
 from .plan import Plan, plan
+from .recipes import Recipe, recipe
 from .schedule import NoiseSchedule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Editor", "FitSettings", "Run", "SampleResult", "load_checkpoint", "inspect_checkpoint", "StableDiffusion",
-    "ModelConfig", "UNetConfig", "VAEConfig", "TextConfig", "preset", "NoiseSchedule", "plan", "Plan", "__version__",
+    "ModelConfig", "UNetConfig", "VAEConfig", "TextConfig", "preset", "NoiseSchedule", "plan", "Plan",
+    "recipe", "Recipe", "__version__",
 ]
