@@ -119,7 +119,8 @@ def plot(scores: Dict[Cell, float], seconds: Dict[Cell, float], title: str, widt
         draw.text((at(x, 0)[0] - 10, top + h + 4), f"{x:.0f}", fill="black")
     series = sorted({(m, e) for m, e, _ in scores})
     for n, (m, e) in enumerate(series):
-        shade = 60 + 150 * [s for s in series if s[0] == m].index((m, e)) // max(1, len(series) // 2)
+        same_mode = [s for s in series if s[0] == m]
+        shade = 110 + 145 * same_mode.index((m, e)) // max(1, len(same_mode) - 1)  # darker: fewer stage-1 steps
         colour = (shade, 40, 40) if m == "full" else (40, 40, shade)
         pts = [at(seconds[c], scores[c]) for c in sorted(c for c in scores if c[:2] == (m, e))]
         if len(pts) > 1:
