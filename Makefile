@@ -30,7 +30,7 @@ test-slow: venv
 	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
 # Imagic end to end on the small built-in model (weights/shapes: 16 MB, trained on procedural shapes by
-# weights/shapes/train.py) and its example input; about 1.5 minutes on 2 CPU cores once the venv exists.
+# weights/shapes/train.py) and its example input; about 30 s on 2 CPU cores once the venv exists.
 # For a real SD checkpoint:
 # imagic edit --ckpt v1-5-pruned-emaonly.safetensors --image photo.png --prompt "..." --out runs/photo
 # The built-in model's recipe (imagic/recipes.py): benchmarks/results/shapes_eval.md and shapes_budget.md measure it.
