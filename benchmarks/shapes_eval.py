@@ -301,8 +301,8 @@ def write_report(results: Results, settings: Settings, args: argparse.Namespace,
         sd_name, _ = best(summary, "sdedit")
         kinds_of = lambda m: ", ".join(f"{k} {pct(summary[m][f'both_{k}'])}" for k in KINDS)  # noqa: E731
         notes.append(f"Headline (alpha {settings.alpha:g}, chosen on the tuning edits): Imagic "
-                     f"{pct(summary[headline]['both'])} ({kinds_of(headline)}); best SDEdit, {sd_name}: {pct(summary[sd_name]['both'])} "
-                     f"({kinds_of(sd_name)}); txt2img {pct(summary['txt2img']['both'])}.")
+                     f"{pct(summary[headline]['both'])} ({kinds_of(headline)}); best SDEdit, {sd_name}: "
+                     f"{pct(summary[sd_name]['both'])} ({kinds_of(sd_name)}); txt2img {pct(summary['txt2img']['both'])}.")
     header = ["method", "edit success", "identity kept", "both", "both: shape edits", "both: colour edits",
               "both: background edits"]
     from common import markdown_table, write_table  # run as a script: benchmarks/ is sys.path[0]
@@ -312,8 +312,8 @@ def write_report(results: Results, settings: Settings, args: argparse.Namespace,
     else:
         title = "held-out edits" if args.namespace == EVAL_NAMESPACE else f"tuning edits (namespace {args.namespace})"
         model = "the shipped shapes model" if args.ckpt.resolve() == CKPT.resolve() else f"the shapes model {args.ckpt}"
-        name = args.table if settings.ddim_eta == (args.etas or (settings.ddim_eta,))[0] else \
-            f"{args.table}_eta{settings.ddim_eta:g}"
+        first = not args.etas or settings.ddim_eta == args.etas[0]
+        name = args.table if first else f"{args.table}_eta{settings.ddim_eta:g}"
         write_table(name, f"Imagic on {model}: {title}, DDIM eta {settings.ddim_eta:g}", header, rows, notes)
 
 

@@ -76,6 +76,7 @@ def add_model_args(p: argparse.ArgumentParser, ckpt_required: bool = True) -> No
 
 
 def add_recipe_arg(p: argparse.ArgumentParser) -> None:
+    """`--recipe`, on every command with stage settings (`main` reads it first: it sets their defaults)."""
     p.add_argument("--recipe", choices=list(RECIPES), default="paper",
                    help="named settings; explicit flags override them. " +
                         "; ".join(f"{k}: {r.about}" for k, r in RECIPES.items()))
@@ -91,7 +92,6 @@ def recipe_in(argv: Optional[Sequence[str]]) -> str:
 
 def add_fit_args(p: argparse.ArgumentParser, recipe: str = "paper") -> None:
     """The stage 1-2 settings (FitSettings), shared by `edit`, `train` and `batch`; `recipe`'s values as defaults."""
-
     p.add_argument("--fit", choices=["crop", "pad"], default="crop", help="non-square images: centre-crop or pad")
     p.add_argument("--finetune", choices=["lora", "full"], default="lora")
     p.add_argument("--embed-steps", type=positive(int, 0, True), default=1000)
@@ -109,7 +109,6 @@ def add_fit_args(p: argparse.ArgumentParser, recipe: str = "paper") -> None:
 
 def add_sample_args(p: argparse.ArgumentParser, recipe: str = "paper") -> None:
     """The stage 3 settings (the arguments of `Editor.sample`); `recipe`'s values as defaults."""
-
     p.add_argument("--alpha", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9, 1.0],
                    help="interpolation weights of the target embedding (paper eq. 4)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
