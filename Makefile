@@ -38,7 +38,7 @@ DEMO_SETTINGS := --recipe shapes --seeds 0 1 --device cpu
 demo: $(VENV)/.runtime
 	rm -rf demo_out
 	$(PY) -m imagic.cli edit --ckpt weights/shapes/shapes.safetensors --image weights/shapes/example_red_circle.png \
-		--prompt "a red star on a blue background" --out demo_out $(DEMO_SETTINGS) --quiet
+		--prompt "a red square on a blue background" --out demo_out $(DEMO_SETTINGS) --quiet
 	@echo "demo: input demo_out/input.png, alpha sweep demo_out/grid.png (rows: seeds, columns: alpha; 0 = input)"
 
 bench: venv
