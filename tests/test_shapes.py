@@ -240,8 +240,8 @@ def test_make_demo_runs_the_tested_recipe_edit_and_alphas():
 @needs_model
 def test_held_out_edits_are_well_formed():
     E = _shapes_eval()
-    edits = E.make_edits(60)
-    assert [e.kind for e in edits[:3]] == list(E.KINDS) and len({e.source for e in edits}) == 60
+    edits = E.make_edits(120)  # the eval's default
+    assert [e.kind for e in edits[:3]] == list(E.KINDS) and len({e.source for e in edits}) == 120
     for e in edits:
         changed = [k for k in E.KINDS if getattr(e.source, k) != getattr(e.target, k)]
         assert changed == [e.kind] and e.target.color != e.target.background
