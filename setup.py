@@ -2,14 +2,14 @@
 
 `kernels/` is installed as `imagic.kernels` (never as a bare top-level `kernels`, a name another popular
 package owns)."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="imagic",
     version="0.1.0",
     description="Imagic (Kawar et al., CVPR 2023) text-based real image editing on Stable Diffusion, from scratch",
     python_requires=">=3.10",
-    packages=["imagic", "imagic.kernels"],
+    packages=find_packages(include=["imagic", "imagic.*"]) + ["imagic.kernels"],
     package_dir={"imagic": "imagic", "imagic.kernels": "kernels"},
     install_requires=[
         "torch>=2.1",
