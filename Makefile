@@ -39,7 +39,9 @@ demo: $(VENV)/.runtime
 	rm -rf demo_out
 	$(PY) -m imagic.cli edit --ckpt weights/shapes/shapes.safetensors --image weights/shapes/example_red_circle.png \
 		--prompt "a red square on a blue background" --out demo_out $(DEMO_SETTINGS) --quiet
-	@echo "demo: input demo_out/input.png, alpha sweep demo_out/grid.png (rows: seeds, columns: alpha; 0 = input)"
+	$(PY) weights/shapes/demo_compare.py --run demo_out
+	@echo "demo: input demo_out/input.png, alpha sweep demo_out/grid.png (rows: seeds, columns: alpha; 0 = input),"
+	@echo "      Imagic beside SDEdit demo_out/compare.png"
 
 bench: venv
 	$(PY) benchmarks/unet_step.py --threads 1

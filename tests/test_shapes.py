@@ -326,6 +326,23 @@ def test_held_out_edits_are_well_formed():
         assert E.score(S.render_pil(e.source), e) == (False, True)  # doing nothing keeps identity, edits nothing
 
 
+def test_paired_differences_and_losses_count_the_same_edits():
+    """The eval's paired comparison: per-edit differences of "both" on the same edits, their mean and the standard
+    error sd / sqrt(n); and, among the edits a method made, how many lost each identity attribute."""
+    E = _shapes_eval()
+    a = [(True, True, "shape", ""), (True, False, "shape", "stripe_angle"), (True, True, "color", ""),
+         (False, False, "color", "position,ramp")]
+    b = [(True, False, "shape", "stripe_color"), (True, False, "shape", "stripe_angle,ramp"), (True, True, "color", ""),
+         (True, True, "color", "")]
+    results = {"a": a, "b": b}
+    d = np.array([1, 0, 0, -1], float)
+    mean, se, n = E.paired(results, "a", "b")
+    assert (mean, n) == (0.0, 4) and se == pytest.approx(d.std(ddof=1) / 2)
+    assert E.paired(results, "a", "b", "shape")[:1] == (0.5,)
+    assert E.losses(results, "a") == {"stripe_angle": 1}  # the unmade edit's losses do not count
+    assert E.losses(results, "b", "shape") == {"stripe_angle": 1, "stripe_color": 1, "ramp": 1}
+
+
 @needs_model
 def test_imagic_beats_txt2img_and_sdedit_on_edit_and_identity(editor):
     """The small version of benchmarks/shapes_eval.py: the first edits of the held-out set (each kind twice).
