@@ -39,9 +39,7 @@ demo: $(VENV)/.runtime
 	rm -rf demo_out
 	$(PY) -m imagic.cli edit --ckpt weights/shapes/shapes.safetensors --image weights/shapes/example_red_circle.png \
 		--prompt "a red square on a blue background" --out demo_out $(DEMO_SETTINGS) --quiet
-	$(PY) weights/shapes/demo_compare.py --run demo_out
-	@echo "demo: input demo_out/input.png, alpha sweep demo_out/grid.png (rows: seeds, columns: alpha; 0 = input),"
-	@echo "      Imagic beside SDEdit demo_out/compare.png"
+	@echo "demo: input demo_out/input.png, alpha sweep demo_out/grid.png (rows: seeds, columns: alpha; 0 = input)"
 
 bench: venv
 	$(PY) benchmarks/unet_step.py --threads 1

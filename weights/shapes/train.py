@@ -78,8 +78,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--procs", type=int, default=2, help="data-parallel processes (the batches split over them)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=2500)
-    p.add_argument("--vae-crop-steps", type=int, default=1000, help="steps on 32x32 crops before full images")
+    p.add_argument("--vae-steps", type=int, default=1100)
+    p.add_argument("--vae-crop-steps", type=int, default=600, help="steps on 32x32 crops before full images")
     p.add_argument("--vae-batch", type=int, default=16, help="crops per step (half as many full images)")
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--kl-weight", type=float, default=1e-8)
@@ -102,8 +102,7 @@ def parser() -> argparse.ArgumentParser:
                    help="text tokens per prompt (SD's 77; every shapes caption is 9 with start and end)")
     p.add_argument("--vae-ch-mult", type=int_tuple, default=(1, 2, 2),
                    help="autoencoder channel multipliers; one downsampling per entry after the first (f = 4)")
-    p.add_argument("--latent-channels", type=int, default=8,
-                   help="channels of the latent (SD: 4; 8 carry the stripes, see weights/shapes/README.md)")
+    p.add_argument("--latent-channels", type=int, default=4, help="channels of the latent (SD: 4)")
     p.add_argument("--unet-ch-mult", type=int_tuple, default=(1, 1, 4),
                    help="UNet channel multipliers of model_channels 32, one per level (16x16, 8x8, 4x4; "
                         "SD's pattern 1,2,4 is the model shipped until stop 23)")

@@ -19,7 +19,7 @@ from imagic.schedule import NoiseSchedule
 def model_config(prediction: str = "v", linear_end: float = 0.02,
                  attention_resolutions: Tuple[int, ...] = (1, 2, 4), head_channels: int = 32,
                  context_length: int = 77, vae_ch_mult: Tuple[int, ...] = (1, 2, 2),
-                 latent_channels: int = 8, unet_ch_mult: Tuple[int, ...] = (1, 1, 4)) -> ModelConfig:
+                 latent_channels: int = 4, unet_ch_mult: Tuple[int, ...] = (1, 1, 4)) -> ModelConfig:
     """The shipped architecture: ~16 MB in fp16, 40% of it the CLIP token embedding (49408 x 64).
 
     Departures from SD 1.x, each measured on this world (weights/shapes/README.md):
