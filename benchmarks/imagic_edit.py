@@ -1,5 +1,5 @@
 """One whole Imagic edit at the paper's settings: ours (Triton kernels on / off) vs the diffusers community Imagic
-pipeline, wall time and peak memory per stage (issue 28, item 7).
+pipeline, wall time and peak memory per stage.
 
 What is timed is what a user runs, from the image and the prompt to the decoded samples:
 
@@ -11,7 +11,7 @@ What is timed is what a user runs, from the image and the prompt to the decoded 
                 and seed
 
 Paper settings (the defaults): stage 1, 1000 Adam steps on the embedding at lr 2e-3; stage 2, LoRA rank 4 for 500
-steps at 2e-4 or the full UNet for 1500 steps at 5e-7 (`imagic.fitting.FitSettings`; the community pipeline gets
+steps at 2e-4 or the full UNet for 1500 steps at 5e-7 (`imagic.settings.FitSettings`; the community pipeline gets
 the same counts and learning rates); stage 3, 5 alphas x 2 seeds, 50 DDIM steps, guidance 7.5; 512x512.
 
 All three run on the same random SD1.5-size weights (seeded, drawn on the CPU, rounded to bf16), written once into
@@ -52,8 +52,8 @@ from imagic.config import ModelConfig, TextConfig, VAEConfig, preset, to_ldm_yam
 from imagic.editor import Editor
 from imagic.export import save_checkpoint
 from imagic.fileio import load_safetensors
-from imagic.fitting import FitSettings
-from imagic.training import autocast
+from imagic.settings import FitSettings, SampleSettings
+from imagic.steps import OnDevice
 
 if TYPE_CHECKING:  # for annotations only: diffusers and transformers are imported where the community parts run
     from diffusers import DiffusionPipeline
@@ -61,9 +61,9 @@ if TYPE_CHECKING:  # for annotations only: diffusers and transformers are import
 
 log = logging.getLogger("imagic_edit")
 PROMPT = "a photo of a sitting dog"
-ALPHAS = (0.6, 0.7, 0.8, 0.9, 1.0)  # the Editor's default alphas
+ALPHAS = SampleSettings.alpha  # the Editor's defaults
 SEEDS = (0, 1)
-GUIDANCE = 7.5
+GUIDANCE = SampleSettings.guidance_scale
 STAGES = ("stage 1", "stage 2", "stage 3")
 MODES = ("lora", "full")
 ROWS = [("ours triton", "lora"), ("ours triton", "full"), ("ours torch", "lora"), ("ours torch", "full"),
@@ -89,9 +89,9 @@ class Steps:
 
 
 # The paper's settings are the Editor's defaults (FitSettings fills in the fine-tuning steps and lr per mode).
-_LORA, _FULL = FitSettings(finetune="lora"), FitSettings(finetune="full")
+_LORA, _FULL = FitSettings(finetune="lora").resolved(), FitSettings(finetune="full").resolved()
 PAPER = Steps(embed=_LORA.embed_steps, lora=int(_LORA.finetune_steps or 0), full=int(_FULL.finetune_steps or 0),
-              ddim=50)
+              ddim=SampleSettings.steps)
 EMBED_LR, FULL_LR = _FULL.embed_lr, float(_FULL.finetune_lr or 0.0)
 WARMUP = Steps(embed=1, lora=1, full=1, ddim=2)
 
@@ -318,7 +318,7 @@ def community_edit(pipe: "DiffusionPipeline", image: Image.Image, steps: Steps, 
 
     hooks.append(pipe.unet.register_forward_pre_hook(at_stage2))
     torch.manual_seed(0)  # train() draws its noise and timesteps from the global generator
-    with autocast(device, precision):
+    with OnDevice(device, precision).autocast():
         clock.start()
         pipe.train(PROMPT, image, height=size, width=size, generator=torch.Generator(device).manual_seed(0),
                    embedding_learning_rate=EMBED_LR, diffusion_model_learning_rate=full_lr,

@@ -1,8 +1,8 @@
-"""Imagic step speed and peak memory: ours (Triton kernels on / off) vs diffusers' UNet with SDPA (issue 5, item 4).
+"""Imagic step speed and peak memory: ours (Triton kernels on / off) vs diffusers' UNet with SDPA.
 
-One row per kind of step the editor runs, built from the editor's own pieces (`imagic.training.denoising_loss`
-with a seeded generator, `imagic.schedule.NoiseSchedule`, Adam as in `imagic.training.run_loop`, the learning
-rates of `imagic.fitting.FitSettings`, `imagic.samplers.guided_model_output` + `ddim_step`):
+One row per kind of step the editor runs, each the editor's own step function from `imagic.steps` (what its loops
+call, with a seeded generator and the Adam of `imagic.steps.make_adam`; the learning rates of
+`imagic.settings.FitSettings`), given our UNet or diffusers':
 
     stage 1 step       forward + backward to the text embedding (weights frozen) + Adam on the embedding
     stage 2 LoRA step  rank-4 LoRA (`imagic.lora.inject_lora`, kohya's targets) + Adam on the LoRA matrices;
@@ -27,10 +27,9 @@ step, read from torch.profiler's allocation events.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import logging
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -40,16 +39,14 @@ from unet_step import DTYPES, DiffusersUNet, abba, build_pair, median, model_con
 
 from imagic import kernels
 from imagic import lora as L
-from imagic.fitting import FitSettings
-from imagic.samplers import ddim_step, guided_model_output
+from imagic.plan_steps import SAMPLE_T, SAMPLE_T_PREV
 from imagic.schedule import NoiseSchedule
-from imagic.training import autocast, denoising_loss, make_adam
+from imagic.settings import FitSettings, SampleSettings
+from imagic.steps import OnDevice, denoiser, guided_ddim_step, make_adam, stage1_step, stage2_step, trainable
 
 log = logging.getLogger("imagic_step")
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 GIB = 2 ** 30
-GUIDANCE = 7.5
-SAMPLE_T, SAMPLE_T_PREV = 501, 481  # one step of a 50-step DDIM schedule
 
 
 # --- memory ---------------------------------------------------------------------------------------------------
@@ -85,22 +82,22 @@ def cpu_step_peak(fn: Callable[[], object]) -> Tuple[object, int]:
 # --- the steps ------------------------------------------------------------------------------------------------
 
 class Trainer:
-    """One training stage's optimiser step, exactly as `imagic.training.run_loop` takes it."""
+    """One training stage's optimiser step, the one `imagic.training.run_loop` takes: `steps.stage1_step` when the
+    embedding is the one parameter (and the context), else `steps.stage2_step`."""
 
     def __init__(self, unet: nn.Module, params: List[Tensor], lr: float, context: Tensor, x0: Tensor,
                  schedule: NoiseSchedule, precision: str, opt: Optional[torch.optim.Optimizer] = None):
         self.unet, self.params, self.context, self.x0 = unet, params, context, x0
-        self.schedule, self.precision = schedule, precision
+        self.schedule, self.device = schedule, OnDevice(x0.device, precision)
         self.opt = opt if opt is not None else make_adam(params, lr)  # kernels on/off share ours'
         self.gen = torch.Generator().manual_seed(0)  # each variant draws the same t and noise
 
     def step(self) -> Tensor:
         """One step; returns the loss (before the update)."""
-        self.opt.zero_grad(set_to_none=True)
-        loss = denoising_loss(self.unet, self.schedule, self.x0, self.context, self.gen, self.precision)
-        loss.backward()
-        self.opt.step()
-        return loss.detach()
+        if len(self.params) == 1 and self.params[0] is self.context:
+            return stage1_step(self.unet, self.schedule, self.x0, self.context, self.opt, self.gen, self.device)
+        return stage2_step(self.unet, self.schedule, self.x0, self.context, self.params, self.opt, self.gen,
+                           self.device)
 
     def step_grad(self) -> Tensor:
         """One step; returns a copy of the first parameter's gradient (stage 1: the embedding's)."""
@@ -116,13 +113,11 @@ class Trainer:
 
 def sampling_step(unet: nn.Module, dtype: torch.dtype, precision: str, schedule: NoiseSchedule, x: Tensor,
                   context: Tensor, uncond: Tensor) -> Tensor:
-    """One CFG + DDIM step as `Editor.sample_latents` takes it (its `_denoiser` casts inputs to the weights' dtype)."""
-    def denoiser(x_: Tensor, t: Tensor, c: Tensor) -> Tensor:
-        return unet(x_.to(dtype), t, c.to(dtype)).float()
-
-    with torch.no_grad(), autocast(x.device, precision):
-        out = guided_model_output(denoiser, x, SAMPLE_T, context, uncond, GUIDANCE)
-        return ddim_step(schedule, out, x, SAMPLE_T, SAMPLE_T_PREV).prev_sample
+    """One CFG + DDIM step as `Editor.sample_latents` takes it: `steps.guided_ddim_step` on `steps.denoiser`, with
+    the default guidance scale."""
+    s = SampleSettings()
+    return guided_ddim_step(denoiser(unet, dtype), schedule, x, SAMPLE_T, SAMPLE_T_PREV, context, uncond,
+                            s.guidance_scale, s.ddim_eta, OnDevice(x.device, precision)).prev_sample
 
 
 # --- variants and rows ----------------------------------------------------------------------------------------
@@ -163,21 +158,6 @@ def measure_row(fns: Dict[str, Callable[[], object]], resident: Dict[str, Callab
             peak[name] = (before + during) / GIB
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     return {n: median(ts) for n, ts in abba(fns, repeats, sync).items()}, peak, warm
-
-
-@contextlib.contextmanager
-def full_finetuning(unet: nn.Module) -> Iterator[List[nn.Parameter]]:
-    """Every weight trainable in fp32 (as `fitting.trainable`), then back to the original frozen tensors (which
-    diffusers' twin shares; in fp32 `.float()` keeps them and Adam updates them in place, at lr 5e-7)."""
-    frozen = [p.data for p in unet.parameters()]
-    unet.float().requires_grad_(True)
-    try:
-        yield list(unet.parameters())
-    finally:
-        unet.zero_grad(set_to_none=True)  # the last step's 3.4 GB of gradients
-        unet.requires_grad_(False)
-        for p, data in zip(unet.parameters(), frozen):
-            p.data = data
 
 
 def peft_lora(theirs: DiffusersUNet, rank: int) -> Optional[List[nn.Parameter]]:
@@ -281,13 +261,14 @@ class Bench:
                     rel_err)
 
     def full(self) -> None:
-        """One model at a time, so that only one fp32 weight copy + Adam state is alive. No sanity error here: in
-        fp32 the two models share the weight tensors, which the first model's Adam steps have moved."""
-        lr = FitSettings(finetune="full").finetune_lr
+        """One model at a time, each made trainable as the editor does (`steps.trainable`: fp32 master weights,
+        the base weights restored afterwards), so that only one set of gradients + Adam state is alive. No sanity
+        error here: our variants share one optimizer, whose steps move the weights between them."""
+        lr = FitSettings(finetune="full").resolved().finetune_lr
         secs: Dict[str, float] = {}
         peak: Dict[str, float] = {}
         for group in (list(self.variants), ["diffusers"]):
-            with full_finetuning(self.models()[group[0]]) as params:
+            with trainable(self.models()[group[0]], FitSettings(finetune="full")) as params:
                 trainers = self.trainers(group, params, lr)
                 steps = {n: tr.step for n, tr in trainers.items()}
                 resident = {n: (lambda tr=tr: resident_bytes(tr.resident())) for n, tr in trainers.items()}
@@ -299,14 +280,13 @@ class Bench:
 
     def lora(self) -> None:
         """Last: peft's adapter stays on diffusers' UNet."""
-        lr = FitSettings(finetune="lora").finetune_lr
-        L.inject_lora(self.ours, rank=self.args.lora_rank)
-        trainers = self.trainers(list(self.variants), L.lora_parameters(self.ours), lr)
-        theirs = peft_lora(self.theirs, self.args.lora_rank)
-        if theirs is not None:
-            trainers.update(self.trainers(["diffusers"], theirs, lr))
-        self.run("stage 2 LoRA step", trainers, Trainer.step, loss_rel_diff)
-        L.remove_lora(self.ours)
+        s = FitSettings(finetune="lora", lora_rank=self.args.lora_rank).resolved()
+        with trainable(self.ours, s) as params:
+            trainers = self.trainers(list(self.variants), params, s.finetune_lr)
+            theirs = peft_lora(self.theirs, self.args.lora_rank)
+            if theirs is not None:
+                trainers.update(self.trainers(["diffusers"], theirs, s.finetune_lr))
+            self.run("stage 2 LoRA step", trainers, Trainer.step, loss_rel_diff)
 
     def table(self) -> Tuple[List[str], List[list]]:
         names = [*self.variants, "diffusers"]
@@ -342,8 +322,9 @@ def notes(b: Bench) -> List[str]:
            "the full fine-tuning row (one model at a time: memory). diffusers/X > 1 means X is faster.",
            f"Latents {b.latent}x{b.latent} (= {8 * b.latent}x{8 * b.latent} pixels), batch 1 (CFG: 2); frozen "
            f"weights {b.precision}, trainable tensors and Adam state fp32, autocast {b.precision}. Learning rates "
-           "of FitSettings: embedding 2e-3, LoRA 2e-4 (rank "
-           f"{b.args.lora_rank}, kohya targets: {', '.join(L.DEFAULT_TARGETS)}), full 5e-7.",
+           f"of FitSettings: embedding {FitSettings().embed_lr:g}, LoRA "
+           f"{FitSettings(finetune='lora').resolved().finetune_lr:g} (rank {b.args.lora_rank}, kohya targets: "
+           f"{', '.join(L.DEFAULT_TARGETS)}), full {FitSettings(finetune='full').resolved().finetune_lr:g}.",
            f"Peak memory: {memory}.",
            f"max rel err (sanity, {next(iter(b.variants))} vs diffusers on the warm-up step): stage 1: gradient "
            "w.r.t. the embedding, max |diff| / std; LoRA: |loss difference| / loss of the first step (same t and "

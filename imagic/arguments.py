@@ -1,11 +1,17 @@
 """What the two command-line entry points (`cli.py` and `batch.py`) share: the argument groups of the edit's
-settings, the user-error type and exit code, device parsing, and the editor built from parsed arguments."""
+settings, the user-error type and exit code, device parsing, and the editor built from parsed arguments.
+
+Every option of an argument group is a field of a settings dataclass (`imagic.settings`) under the same name: its
+default, its choices and its check come from there, and `settings_from` turns parsed arguments back into one."""
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+import dataclasses
+import typing
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Type, TypeVar
 
 from .recipes import RECIPES
+from .settings import FINETUNE, KERNELS, PRECISIONS, SQUARE, FitSettings, RuntimeSettings, SampleSettings
 
 if TYPE_CHECKING:
     import torch
@@ -25,23 +31,30 @@ def user_errors() -> tuple:
     from .checkpoint import CheckpointError
     from .config import ConfigError, ResolutionError
     from .fileio import OutputError
-    from .fit_check import WontFit
+    from .memory_check import NotEnoughMemory
     from .images import ImageError
     from .rundir import RunError
     from .training import NumericalError, OutOfMemory
 
     return (UserError, CheckpointError, ConfigError, ImageError, OutputError, RunError, NumericalError, OutOfMemory,
-            WontFit, ResolutionError)
+            NotEnoughMemory, ResolutionError)
+
+
+def number(kind: type) -> Callable[[str], Any]:
+    """An argparse type for an int or a float, with a one-line message for anything else."""
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a{'n integer' if kind is int else ' number'}, got {text!r}") from None
+    return parse
 
 
 def positive(kind: type, minimum: float = 0, inclusive: bool = False) -> Callable[[str], float]:
     """An argparse type that rejects out-of-range numbers with a one-line message."""
     def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected a{'n integer' if kind is int else ' number'}, got {text!r}") from None
+        value = number(kind)(text)
         if value < minimum or (value == minimum and not inclusive):
             raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum}, got {text}")
         return value
@@ -57,18 +70,44 @@ def prompt_text(text: str) -> str:
     return text
 
 
+S = TypeVar("S", FitSettings, SampleSettings, RuntimeSettings)
+
+
+def setting(kind: type, name: str) -> Callable[[str], Any]:
+    """An argparse type for the field `name` of the settings dataclass `kind`: parsed as the field's number type
+    (one item of a tuple field), and checked by the dataclass itself, whose message becomes argparse's."""
+    hint = typing.get_type_hints(kind)[name]
+    parse_number = number(next(a for a in (*typing.get_args(hint), hint) if a in (int, float)))
+
+    def parse(text: str) -> Any:
+        value = parse_number(text)
+        try:
+            kind(**{name: value})
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+    return parse
+
+
+def settings_from(kind: Type[S], args: argparse.Namespace) -> S:
+    """The settings of `kind` the parsed `args` hold (a field the command has no option for keeps its default)."""
+    names = [f.name for f in dataclasses.fields(kind)]
+    return kind(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+
+
 def add_model_args(p: argparse.ArgumentParser, ckpt_required: bool = True) -> None:
-    """Which checkpoint, where and how it runs."""
+    """Which checkpoint, where and how it runs (RuntimeSettings, but gradient checkpointing: `add_fit_args`)."""
+    d = RuntimeSettings()
     p.add_argument("--ckpt", required=ckpt_required, help="SD checkpoint (.safetensors / .ckpt)")
     p.add_argument("--config", help="original LDM inference yaml (default: <checkpoint>.yaml if present)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
-                   help="frozen weights and autocast precision; trainable tensors stay fp32 (default fp32)")
+    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default=d.precision,
+                   help=f"frozen weights and autocast precision; trainable tensors stay fp32 (default {d.precision})")
     p.add_argument("--use-ema", action="store_true", help="use the UNet's EMA weights when the file has them")
-    p.add_argument("--resolution", type=positive(int),
+    p.add_argument("--resolution", type=setting(RuntimeSettings, "resolution"),
                    help="image size in pixels (default: the model's native size: 512 SD 1.x / SD 2 base, 768 SD 2-v, "
                         "1024 SDXL; `imagic sample` defaults to the run's)")
-    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+    p.add_argument("--kernels", choices=list(KERNELS), default=d.kernels,
                    help="fused Triton kernels (auto: on CUDA when Triton is installed) or the torch path")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true",
@@ -92,30 +131,36 @@ def recipe_in(argv: Optional[Sequence[str]]) -> str:
 
 def add_fit_args(p: argparse.ArgumentParser, recipe: str = "paper") -> None:
     """The stage 1-2 settings (FitSettings), shared by `edit`, `train` and `batch`; `recipe`'s values as defaults."""
-    p.add_argument("--fit", choices=["crop", "pad"], default="crop", help="non-square images: centre-crop or pad")
-    p.add_argument("--finetune", choices=["lora", "full"], default="lora")
-    p.add_argument("--embed-steps", type=positive(int, 0, True), default=1000)
-    p.add_argument("--embed-lr", type=positive(float), default=2e-3)
-    p.add_argument("--finetune-steps", type=positive(int, 0, True), help="default 500 (lora) / 1500 (full)")
-    p.add_argument("--finetune-lr", type=positive(float), help="default 2e-4 (lora) / 5e-7 (full)")
-    p.add_argument("--lora-rank", type=positive(int), default=4)
-    p.add_argument("--lora-alpha", type=positive(float), help="LoRA alpha (default: = rank)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the training noise and timesteps")
-    p.add_argument("--save-every", type=positive(int), default=50, help="steps between resumable saves")
+    d = FitSettings()
+    modes = " / ".join(f"{m.steps} ({name})" for name, m in FINETUNE.items())
+    rates = " / ".join(f"{m.lr:g} ({name})" for name, m in FINETUNE.items())
+    p.add_argument("--square", choices=list(SQUARE), default=d.square,
+                   help="non-square images: centre-crop or pad to a square")
+    p.add_argument("--finetune", choices=list(FINETUNE), default=d.finetune)
+    p.add_argument("--embed-steps", type=setting(FitSettings, "embed_steps"), default=d.embed_steps)
+    p.add_argument("--embed-lr", type=setting(FitSettings, "embed_lr"), default=d.embed_lr)
+    p.add_argument("--finetune-steps", type=setting(FitSettings, "finetune_steps"), help=f"default {modes}")
+    p.add_argument("--finetune-lr", type=setting(FitSettings, "finetune_lr"), help=f"default {rates}")
+    p.add_argument("--lora-rank", type=setting(FitSettings, "lora_rank"), default=d.lora_rank)
+    p.add_argument("--lora-alpha", type=setting(FitSettings, "lora_alpha"), help="LoRA alpha (default: = rank)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the training noise and timesteps")
+    p.add_argument("--save-every", type=setting(FitSettings, "save_every"), default=d.save_every,
+                   help="steps between resumable saves")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     if recipe in RECIPES:
         p.set_defaults(**RECIPES[recipe].fit)
 
 
 def add_sample_args(p: argparse.ArgumentParser, recipe: str = "paper") -> None:
-    """The stage 3 settings (the arguments of `Editor.sample`); `recipe`'s values as defaults."""
-    p.add_argument("--alpha", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9, 1.0],
+    """The stage 3 settings (SampleSettings); `recipe`'s values as defaults."""
+    d = SampleSettings()
+    p.add_argument("--alpha", type=setting(SampleSettings, "alpha"), nargs="+", default=list(d.alpha),
                    help="interpolation weights of the target embedding (paper eq. 4)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--guidance-scale", type=positive(float, 0, True), default=7.5)
-    p.add_argument("--steps", type=positive(int), default=50, help="DDIM steps")
-    p.add_argument("--ddim-eta", type=positive(float, 0, True), default=0.0)
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
+    p.add_argument("--guidance-scale", type=setting(SampleSettings, "guidance_scale"), default=d.guidance_scale)
+    p.add_argument("--steps", type=setting(SampleSettings, "steps"), default=d.steps, help="DDIM steps")
+    p.add_argument("--ddim-eta", type=setting(SampleSettings, "ddim_eta"), default=d.ddim_eta)
+    p.add_argument("--negative-prompt", default=d.negative_prompt)
     if recipe in RECIPES:
         p.set_defaults(**RECIPES[recipe].sample)
 
@@ -124,26 +169,20 @@ def parse_device(name: str) -> "torch.device":
     """`--device`: auto (cuda when available), cpu, cuda, cuda:N; a device this machine lacks is a UserError."""
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}") from None
+        dev = RuntimeSettings(device=name).torch_device()
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name} asked for, but CUDA is not available here")
     return dev
 
 
 def make_editor(args: argparse.Namespace, ckpt: str) -> "Editor":
-    """The editor for `ckpt` with the model options of `add_model_args`."""
-    import os
-
+    """The editor for `ckpt` with the model options of `add_model_args` (and gradient checkpointing, where the
+    command has it)."""
     from .editor import Editor
 
-    os.environ["IMAGIC_KERNELS"] = args.kernels  # read by imagic.kernels.dispatch at every call
-
-    return Editor.from_checkpoint(ckpt, config=args.config, device=parse_device(args.device), precision=args.precision,
-                                  use_ema=args.use_ema, progress=not args.quiet,
-                                  gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
-                                  resolution=getattr(args, "resolution", None))
+    runtime = dataclasses.replace(settings_from(RuntimeSettings, args), device=str(parse_device(args.device)))
+    return Editor.from_checkpoint(ckpt, config=args.config, runtime=runtime, use_ema=args.use_ema,
+                                  progress=not args.quiet)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import functools
 import logging
@@ -44,13 +43,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .arguments import (EXIT_USER_ERROR, UserError, add_fit_args, add_model_args, add_recipe_arg, add_sample_args,
-                        make_editor, parse_device, recipe_in, user_errors)
+                        make_editor, parse_device, recipe_in, settings_from, user_errors)
 from .batch_report import edit_state, mean_over_seeds, write_summary
-from .fitting import FitSettings
 from .fileio import PathLike, write_csv, write_json, write_text
 from .images import save_png
-from .manifest import BatchSettings, Edit, ManifestError, SampleSettings, read_manifest, shard
+from .manifest import BatchSettings, Edit, ManifestError, read_manifest, shard, split
 from .metrics import EditMetrics, MetricsError, plot_tradeoff
+from .settings import FitSettings, SampleSettings
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +58,12 @@ BARRIER_TIMEOUT = datetime.timedelta(days=7)  # ranks that finish early wait at 
 
 # --- running ----------------------------------------------------------------------------------------------------
 
-def _split(edit: Edit, s: BatchSettings) -> Tuple[Dict[str, Any], SampleSettings]:
-    fit_names = {f.name for f in dataclasses.fields(FitSettings)}
-    fit = {**s.fit, **{k: v for k, v in edit.overrides.items() if k in fit_names}}
-    sample = dataclasses.replace(s.sample, **{k: v for k, v in edit.overrides.items() if k not in fit_names})
-    return fit, sample
-
-
 def run_edit(editor, edit: Edit, directory: Path, s: BatchSettings) -> Dict[str, Any]:
     """Fit (resuming), sample, measure; returns what DONE records."""
-    fit, sample = _split(edit, s)
+    fit, sample = split(edit.overrides, s.fit, s.sample)
     start = time.time()
-    run = editor.fit(edit.image, edit.target_text, out=directory, force=s.force, **fit)
-    result = editor.sample(run, alpha=sample.alpha, seeds=sample.seeds, guidance_scale=sample.guidance_scale,
-                           steps=sample.steps, ddim_eta=sample.ddim_eta, negative_prompt=sample.negative_prompt,
-                           force=s.force)
+    run = editor.fit(edit.image, edit.target_text, out=directory, settings=fit, force=s.force)
+    result = editor.sample(run, sample, force=s.force)
     rows = [{"seed": seed, "alpha": a, **s.metrics(img, run.input_image, edit.target_text)}
             for (seed, a), img in sorted(result.images.items())]
     names = ["seed", "alpha"] + s.metrics.names
@@ -229,11 +219,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
             metrics = _metrics(args, device, echo if rank == 0 else log.info)
         except MetricsError as e:
             raise UserError(str(e)) from None
-        fit = {f.name: getattr(args, f.name) for f in dataclasses.fields(FitSettings)}
-        sample = SampleSettings(alpha=args.alpha, seeds=args.seeds, guidance_scale=args.guidance_scale,
-                                steps=args.steps, ddim_eta=args.ddim_eta, negative_prompt=args.negative_prompt)
-        settings = BatchSettings(fit=fit, sample=sample, metrics=metrics, thumb_size=args.thumb_size,
-                                 force=args.force)
+        settings = BatchSettings(fit=settings_from(FitSettings, args), sample=settings_from(SampleSettings, args),
+                                 metrics=metrics, thumb_size=args.thumb_size, force=args.force)
 
         @functools.lru_cache(maxsize=None)
         def editor():  # `imagic edit`'s own loader, on this process's device

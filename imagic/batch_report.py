@@ -35,7 +35,7 @@ def write_summary(edits: Sequence[Edit], out: PathLike, s: BatchSettings) -> Dic
         rows = record.get("metrics", [])
         alphas = sorted({r["alpha"] for r in rows})
         per_alpha = [" ".join(f"{a:g}:{mean_over_seeds(rows, a, m):.4g}" for a in alphas) for m in names]
-        seed = {**s.fit, **edit.overrides}.get("seed", "")
+        seed = edit.overrides.get("seed", s.fit.seed)
         summary.append([edit.index, str(edit.image), edit.target_text, seed, status, str(out / edit.name),
                         record.get("grid", ""), error, *per_alpha])
         samples += [[edit.index, str(edit.image), edit.target_text, r["seed"], r["alpha"],

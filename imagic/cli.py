@@ -9,8 +9,9 @@ import sys
 from typing import Dict, List, Optional
 
 from .arguments import (EXIT_USER_ERROR, UserError, add_fit_args, add_model_args, add_recipe_arg, add_sample_args,
-                        make_editor, positive, prompt_text, recipe_in, user_errors)
+                        make_editor, positive, prompt_text, recipe_in, setting, settings_from, user_errors)
 from .batch import add_batch_parser
+from .settings import KERNELS, PRECISIONS, SDEDIT_STRENGTH, SQUARE, FitSettings, RuntimeSettings, SampleSettings
 
 
 def _print_inspect(info: Dict) -> None:
@@ -58,12 +59,9 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: str) -> None:
 def _train(args: argparse.Namespace):
     from .images import open_image
 
-    open_image(args.image).close()  # a bad image fails before the (slow) checkpoint load
+    image = open_image(args.image)  # decoded once, before the (slow) checkpoint load: a bad image fails first
     editor = make_editor(args, args.ckpt)
-    settings = dict(embed_steps=args.embed_steps, embed_lr=args.embed_lr, finetune=args.finetune,
-                    finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, lora_rank=args.lora_rank,
-                    lora_alpha=args.lora_alpha, seed=args.seed, fit=args.fit, save_every=args.save_every)
-    run = editor.fit(args.image, args.prompt, out=args.out, force=args.force, **settings)
+    run = editor.fit(image, args.prompt, out=args.out, settings=settings_from(FitSettings, args), force=args.force)
     print(f"trained: {run.directory} (stage 1 loss {_last(run.losses['stage1'])}, "
           f"stage 2 loss {_last(run.losses['stage2'])})")
     return editor, run
@@ -74,9 +72,7 @@ def _last(values: List[float]) -> str:
 
 
 def _sample(editor, run, args: argparse.Namespace) -> None:
-    result = editor.sample(run, alpha=args.alpha, seeds=args.seeds, guidance_scale=args.guidance_scale,
-                           steps=args.steps, ddim_eta=args.ddim_eta, negative_prompt=args.negative_prompt,
-                           force=args.force)
+    result = editor.sample(run, settings_from(SampleSettings, args), force=args.force)
     print(f"wrote {len(result.images)} samples to {run.directory / 'samples'} and the grid {result.grid_path}"
           " (rows: seeds, columns: alphas)")
 
@@ -129,8 +125,7 @@ def _save_images(images, out: str, stem: str, seeds: List[int], meta: Dict) -> N
 
 def cmd_txt2img(args: argparse.Namespace) -> int:
     editor = make_editor(args, args.ckpt)
-    images = editor.txt2img(args.prompt, seeds=args.seeds, guidance_scale=args.guidance_scale, steps=args.steps,
-                            ddim_eta=args.ddim_eta, negative_prompt=args.negative_prompt)
+    images = editor.txt2img(args.prompt, settings_from(SampleSettings, args))
     _save_images(images, args.out, "txt2img", args.seeds, {"prompt": args.prompt, "steps": args.steps,
                                                            "guidance_scale": args.guidance_scale})
     return 0
@@ -139,11 +134,10 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
 def cmd_img2img(args: argparse.Namespace) -> int:
     from .images import open_image
 
-    open_image(args.image).close()
+    image = open_image(args.image)
     editor = make_editor(args, args.ckpt)
-    images = editor.img2img(args.image, args.prompt, strength=args.strength, seeds=args.seeds,
-                            guidance_scale=args.guidance_scale, steps=args.steps, ddim_eta=args.ddim_eta,
-                            negative_prompt=args.negative_prompt, fit=args.fit)
+    images = editor.img2img(image, args.prompt, strength=args.strength, settings=settings_from(SampleSettings, args),
+                            square=args.square)
     _save_images(images, args.out, "img2img", args.seeds, {"prompt": args.prompt, "strength": args.strength,
                                                            "steps": args.steps})
     return 0
@@ -225,8 +219,9 @@ def build_parser(recipe: str = "paper") -> argparse.ArgumentParser:
     i2i.add_argument("--image", required=True)
     i2i.add_argument("--prompt", required=True, type=prompt_text)
     i2i.add_argument("--out", required=True, help="output directory")
-    i2i.add_argument("--strength", type=positive(float), default=0.75)
-    i2i.add_argument("--fit", choices=["crop", "pad"], default="crop")
+    i2i.add_argument("--strength", type=positive(float), default=SDEDIT_STRENGTH)
+    i2i.add_argument("--square", choices=list(SQUARE), default=FitSettings.square,
+                     help="non-square images: centre-crop or pad to a square")
     add_recipe_arg(i2i)
     add_sample_args(i2i, recipe)
     i2i.set_defaults(func=cmd_img2img)
@@ -237,11 +232,13 @@ def build_parser(recipe: str = "paper") -> argparse.ArgumentParser:
     which.add_argument("--family", choices=["sd1", "sd2", "sd2-v", "sdxl"], help="a public model family's preset")
     pl.add_argument("--config", help="original LDM inference yaml (default: <checkpoint>.yaml if present)")
     pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where the edit would run")
-    pl.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
-                    help="frozen weights and autocast precision, as for `imagic edit` (default fp32)")
-    pl.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+    pl.add_argument("--precision", choices=list(PRECISIONS), default=RuntimeSettings.precision,
+                    help=f"frozen weights and autocast precision, as for `imagic edit` (default "
+                         f"{RuntimeSettings.precision})")
+    pl.add_argument("--kernels", choices=list(KERNELS), default=RuntimeSettings.kernels,
                     help="CUDA: our Triton kernels (auto: when Triton is installed here) or the torch paths")
-    pl.add_argument("--resolution", type=positive(int), help="image size in pixels (default: the model's native)")
+    pl.add_argument("--resolution", type=setting(RuntimeSettings, "resolution"),
+                    help="image size in pixels (default: the model's native)")
     pl.add_argument("--offload", action="store_true",
                     help="plan for keeping only what each stage runs on the device (not what the editor does yet)")
     pl.add_argument("--json", action="store_true", help="machine-readable output")

@@ -8,19 +8,18 @@ call (imagic.sdxl.VectorUNet) unpacks it and appends the size/crop features to m
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .assemble import StableDiffusion
 from .config import ModelConfig
-from .images import crop_top_left
+from .images import Squared
 from .samplers import Model
-from .sdxl import VectorUNet, pack, size_features
+from .sdxl import pack
+from .steps import SizeConditioning, unet_call
 from .tokenizer import clean
-
-SizeConditioning = Dict[str, List[int]]  # original_size (h, w), crop_top_left (top, left), target_size (h, w)
 
 
 class Conditioning:
@@ -49,27 +48,19 @@ class Conditioning:
         e = self.encode_text(negative_prompt)
         return torch.zeros_like(e) if self.vector_conditioned and not clean(negative_prompt) else e
 
-    def sizes(self, image_size: Optional[Tuple[int, int]] = None, fit: str = "crop") -> Optional[SizeConditioning]:
-        """SDXL's size/crop conditioning for an image of (width, height) `image_size` made square by `fit`
-        (None for SD 1.x / 2.x): original size = its (h, w), crop = where it was cut (top, left, in the frame
-        resized to the target), target = the model's size. Without an image (txt2img): a native-size image,
-        uncropped, as SDXL's pipeline defaults."""
+    def sizes(self, image: Optional[Squared] = None) -> Optional[SizeConditioning]:
+        """SDXL's size/crop conditioning for an input made square by `images.square_input` (None for SD 1.x /
+        2.x): original size = its (h, w), crop = where it was cut, target = the model's size. Without an image
+        (txt2img): a native-size image, uncropped, as SDXL's pipeline defaults."""
         if not self.vector_conditioned:
             return None
         size = self.config.image_size
-        if image_size is None:
+        if image is None:
             return {"original_size": [size, size], "crop_top_left": [0, 0], "target_size": [size, size]}
-        w, h = image_size
-        return {"original_size": [h, w], "crop_top_left": list(crop_top_left(w, h, size, fit)),  # type: ignore
+        return {"original_size": list(image.original_size), "crop_top_left": list(image.crop_top_left),
                 "target_size": [size, size]}
 
     def unet_call(self, sizes: Optional[SizeConditioning] = None) -> Model:
-        """The UNet as the loops and the sampler call it: the UNet itself, or on SDXL a `VectorUNet` with these
-        size features (default: `sizes()`)."""
-        if not self.vector_conditioned:
-            return self.unet
-        sizes = sizes or self.sizes()
-        assert sizes is not None and self.config.text2 is not None
-        features = size_features(tuple(sizes["original_size"]), tuple(sizes["crop_top_left"]),  # type: ignore
-                                 tuple(sizes["target_size"]), self.config.size_embed_dim, self.device)
-        return VectorUNet(self.unet, self.config.text2.projection_dim, features)
+        """The UNet as the loops and the sampler call it (`steps.unet_call`), with these size features on SDXL
+        (default: `sizes()`)."""
+        return unet_call(self.unet, self.config, sizes or self.sizes(), self.device)

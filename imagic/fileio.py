@@ -185,26 +185,6 @@ def write_csv(path: PathLike, header: Sequence[str], rows: Iterable[Sequence[Any
     write_text(path, _csv_text([list(header), *rows]))
 
 
-def append_csv_row(path: PathLike, header: Sequence[str], row: Sequence[Any]) -> None:
-    """Append one row to a CSV log, writing `header` first when the file is new or empty.
-
-    Appending is not atomic (a crash can cut the last line) which is acceptable for logs; use `write_csv`
-    for files that must always parse. An existing file with a different header is refused rather than mixed.
-    """
-    path = Path(path)
-    header_line = _csv_text([list(header)])
-    try:
-        with open(path, "a+", encoding="utf-8", newline="") as f:
-            f.seek(0)
-            first = f.readline()
-            if first and first != header_line:
-                raise ValueError(f"{path}: existing CSV header {first.strip()!r} != {header_line.strip()!r}")
-            f.seek(0, os.SEEK_END)
-            f.write(("" if first else header_line) + _csv_text([list(row)]))
-    except OSError as e:
-        raise _output_error(path, e) from e
-
-
 def save_safetensors(path: PathLike, tensors: Dict[str, torch.Tensor],
                      metadata: Optional[Dict[str, Any]] = None) -> None:
     """Save tensors (and string metadata; other values are JSON-encoded) as .safetensors, atomically.

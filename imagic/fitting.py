@@ -3,15 +3,15 @@
     stage 1  e_opt = argmin_e  L(x0, e; theta)      Adam from e_tgt, model frozen             (paper eq. 2)
     stage 2  theta' = argmin_theta L(x0, e_opt; theta)   e_opt frozen; LoRA or all weights  (paper eq. 3)
 
-L is `training.denoising_loss`, minimised by `training.run_loop`. The stage-2 weights are either rank-r LoRA
-adapters (`imagic.lora`) or every UNet weight; the functions below make them trainable, snapshot them, write and
-read them (kohya layout for LoRA, so other SD tools load it) and put them in the UNet for sampling. The run
+L is `steps.denoising_loss`; `training.run_loop` takes the steps (`steps.stage1_step`, `steps.stage2_step`). The
+stage-2 weights are either rank-r LoRA adapters (`imagic.lora`) or every UNet weight (`steps.trainable` makes
+them trainable); the functions below snapshot them, write and read them (kohya layout for LoRA, so other SD tools
+load it) and put them in the UNet for sampling. The run
 directory, resuming and stage 3 (interpolation and sampling) are the Editor's (`imagic.editor`).
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -24,84 +24,40 @@ from .config import UNetConfig
 from .fileio import load_safetensors, save_safetensors
 from .samplers import Model
 from .schedule import NoiseSchedule
-from .training import PRECISIONS, LoopState, StepCallback, denoising_loss, run_loop
+from .settings import FitSettings
+from .steps import Device, stage1_step, stage2_step
+from .training import LoopState, StepCallback, run_loop
 
 
-@dataclass
-class FitSettings:
-    """Stage 1 and 2 settings. Defaults: the paper's SD setting for stage 1 (1000 Adam steps at 2e-3) and for
-    full fine-tuning (1500 steps at 5e-7); LoRA (our default, fits a consumer GPU) trains rank-4 adapters for
-    500 steps at 2e-4 (LoRA wants a far larger lr than full fine-tuning: its update starts from zero)."""
-
-    embed_steps: int = 1000
-    embed_lr: float = 2e-3
-    finetune: str = "lora"  # "lora" | "full"
-    finetune_steps: Optional[int] = None  # None: 500 (lora) / 1500 (full)
-    finetune_lr: Optional[float] = None  # None: 2e-4 (lora) / 5e-7 (full)
-    lora_rank: int = 4
-    lora_alpha: Optional[float] = None  # None: = rank (scale 1)
-    seed: int = 0
-    fit: str = "crop"  # how a non-square image becomes square: "crop" | "pad"
-    save_every: int = 50
-
-    def __post_init__(self) -> None:
-        if self.finetune not in ("lora", "full"):
-            raise ValueError(f"finetune must be 'lora' or 'full', got {self.finetune!r}")
-        if self.finetune_steps is None:
-            self.finetune_steps = 500 if self.finetune == "lora" else 1500
-        if self.finetune_lr is None:
-            self.finetune_lr = 2e-4 if self.finetune == "lora" else 5e-7
-        for name in ("embed_steps", "finetune_steps", "lora_rank", "save_every"):
-            if getattr(self, name) < (0 if name.endswith("steps") else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-
-
-def optimize_embedding(unet: Model, schedule: NoiseSchedule, x0: Tensor, e_tgt: Tensor, s: FitSettings,
-                       precision: str = "fp32", *, resume_path: Optional[Path] = None,
+def optimize_embedding(model: Model, schedule: NoiseSchedule, x0: Tensor, e_tgt: Tensor, s: FitSettings,
+                       device: Device, *, resume_path: Optional[Path] = None,
                        on_save: Optional[Callable[[LoopState], None]] = None,
                        callback: Optional[StepCallback] = None, progress: bool = True) -> Tuple[Tensor, LoopState]:
-    """Stage 1 (eq. 2): Adam on the embedding, started at e_tgt, with the model frozen (`unet`: how the loss calls
-    it, `Editor.conditioning.unet_call()`; on SDXL the packed embedding holds context and pooled, both optimised).
+    """Stage 1 (eq. 2): Adam on the embedding, started at e_tgt, with the model frozen (`model`: how the loss calls
+    the UNet, `steps.unet_call`; on SDXL the packed embedding holds context and pooled, both optimised).
     Returns e_opt and the loop's final state; `resume_path`, `on_save`, `callback` and `progress` go to `run_loop`."""
     e = e_tgt.clone().requires_grad_(True)
-    state = run_loop("stage 1: embedding", [e], lambda g: denoising_loss(unet, schedule, x0, e, g, precision),
-                     steps=s.embed_steps, lr=s.embed_lr, seed=s.seed, resume_path=resume_path,
-                     save_every=s.save_every, callback=callback, progress=progress, on_save=on_save)
+    state = run_loop("stage 1: embedding", [e],
+                     lambda opt, gen: stage1_step(model, schedule, x0, e, opt, gen, device),
+                     steps=s.embed_steps, lr=s.embed_lr, seed=s.seed, save_every=s.save_every,
+                     resume_path=resume_path, callback=callback, progress=progress, on_save=on_save)
     return e.detach(), state
 
 
-def finetune_unet(unet: Model, schedule: NoiseSchedule, x0: Tensor, e_opt: Tensor, params: List[Tensor],
-                  s: FitSettings, precision: str = "fp32", *, resume_path: Optional[Path] = None,
+def finetune_unet(model: Model, schedule: NoiseSchedule, x0: Tensor, e_opt: Tensor, params: List[Tensor],
+                  s: FitSettings, device: Device, *, resume_path: Optional[Path] = None,
                   on_save: Optional[Callable[[LoopState], None]] = None,
                   callback: Optional[StepCallback] = None, progress: bool = True) -> LoopState:
-    """Stage 2 (eq. 3): Adam on `params` (from `trainable`) with e_opt frozen, seeded s.seed + 1 (another noise
-    stream than stage 1's); `resume_path`, `on_save`, `callback` and `progress` go to `run_loop`."""
+    """Stage 2 (eq. 3): Adam on `params` (from `steps.trainable`) with e_opt frozen, seeded s.seed + 1 (another
+    noise stream than stage 1's); `resume_path`, `on_save`, `callback` and `progress` go to `run_loop`."""
+    assert s.finetune_steps is not None and s.finetune_lr is not None, "FitSettings.resolved() first"
     return run_loop(f"stage 2: {s.finetune} fine-tune", params,
-                    lambda g: denoising_loss(unet, schedule, x0, e_opt, g, precision),
-                    steps=s.finetune_steps, lr=s.finetune_lr, seed=s.seed + 1, resume_path=resume_path,
-                    save_every=s.save_every, callback=callback, progress=progress, on_save=on_save)
+                    lambda opt, gen: stage2_step(model, schedule, x0, e_opt, params, opt, gen, device),
+                    steps=s.finetune_steps, lr=s.finetune_lr, seed=s.seed + 1, save_every=s.save_every,
+                    resume_path=resume_path, callback=callback, progress=progress, on_save=on_save)
 
 
 # --- the stage-2 weights: LoRA adapters or the whole UNet ----------------------------------------------------------
-@contextlib.contextmanager
-def trainable(unet: nn.Module, s: FitSettings, precision: str) -> Iterator[List[Tensor]]:
-    """Make the stage-2 parameters trainable (fp32), yield them, and restore the base model afterwards."""
-    if s.finetune == "lora":
-        L.inject_lora(unet, rank=s.lora_rank, alpha=s.lora_alpha, seed=s.seed)
-        try:
-            yield L.lora_parameters(unet)
-        finally:
-            L.remove_lora(unet)
-        return
-    base = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    unet.float().requires_grad_(True)  # trainable weights and their Adam moments stay fp32
-    try:
-        yield list(unet.parameters())
-    finally:
-        unet.requires_grad_(False).load_state_dict(base)
-        unet.to(PRECISIONS[precision])
-
-
 def finetuned_state(unet: nn.Module, mode: str) -> Dict[str, Tensor]:
     """CPU copies of the trained weights: our LoRA state dict (mode "lora") or the full UNet state dict."""
     if mode == "lora":
@@ -110,7 +66,7 @@ def finetuned_state(unet: nn.Module, mode: str) -> Dict[str, Tensor]:
 
 
 def save_finetuned(unet: nn.Module, mode: str, path: Path, cfg: UNetConfig, base_sha256: Optional[str]) -> None:
-    """Write the trained weights of `unet` (inside `trainable`): LoRA in the kohya layout, which other SD tools
+    """Write the trained weights of `unet` (inside `steps.trainable`): LoRA in the kohya layout, which other SD tools
     load, with the base checkpoint's sha256 in its metadata; or the whole UNet."""
     if mode == "lora":
         save_safetensors(path, lora_format.to_kohya(unet, cfg),

@@ -6,7 +6,7 @@ sideways), alpha channels, palettes, 16-bit PNGs (PIL's own `convert` clips them
 CMYK JPEGs, animations (first frame), and decompression bombs (the pixel count is checked from the header,
 before anything is decoded). Every failure is an `ImageError` whose one-line message names the file.
 
-Choices: transparency is composited over white, and `fit="pad"` pads with white too, so the two agree and
+Choices: transparency is composited over white, and `square="pad"` pads with white too, so the two agree and
 the result does not depend on image content. ICC colour profiles are not applied (neither do the SD scripts).
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ import json
 import os
 import stat
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -24,9 +25,9 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from .fileio import atomic_write
+from .settings import SQUARE
 
 PathLike = Union[str, os.PathLike]
-Fit = Literal["crop", "pad"]
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: above any camera photo, far below a decompression bomb
 WHITE = (255, 255, 255)
@@ -120,48 +121,47 @@ def open_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
             raise ImageError(f"{path}: unsupported image mode {upright.mode} ({_one_line(e)})") from e
 
 
-def square(img: Image.Image, size: int, fit: Fit = "crop") -> Image.Image:
+@dataclass(frozen=True)
+class Squared:
+    """An input image made square at the size the model works at, and where that cut the original: SDXL's size
+    conditioning (`original_size`, `crop_top_left`) comes from here."""
+
+    image: Image.Image  # size x size, RGB
+    original_size: Tuple[int, int]  # (height, width) as it came
+    crop_top_left: Tuple[int, int]  # (top, left) in the frame resized so the square is `size` wide; (0, 0) padded
+
+
+def square_input(img: Image.Image, size: int, how: str) -> Squared:
     """Centre-crop an image to a square ("crop") or pad it with white to one ("pad"), then resize it to
-    `size` x `size` with LANCZOS."""
+    `size` x `size` with LANCZOS. The crop's corner is reported as SDXL's crop_coords_top_left: in the frame of
+    the image resized so that its short side is the target (sgm resizes, then crops)."""
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
     w, h = img.size
-    if fit == "crop":
+    if how == "crop":
         s = min(w, h)
         left, top = (w - s) // 2, (h - s) // 2
         img = img.crop((left, top, left + s, top + s))
-    elif fit == "pad":
+        corner = (round(top * size / s), round(left * size / s))
+    elif how == "pad":
         s = max(w, h)
         canvas = Image.new("RGB", (s, s), WHITE)
         canvas.paste(img, ((s - w) // 2, (s - h) // 2))
-        img = canvas
+        img, corner = canvas, (0, 0)
     else:
-        raise ValueError(f"fit must be 'crop' or 'pad', got {fit!r}")
-    return img.resize((size, size), Image.Resampling.LANCZOS)
+        raise ValueError(f"square must be one of {', '.join(SQUARE)}, got {how!r}")
+    return Squared(img.resize((size, size), Image.Resampling.LANCZOS), (h, w), corner)
 
 
-def crop_top_left(width: int, height: int, size: int, fit: Fit = "crop") -> Tuple[int, int]:
-    """Where `square` cuts the image, as (top, left) in the frame of the image resized so that the square is
-    `size` wide (SDXL's crop_coords_top_left: resize the short side to the target, then crop). (0, 0) for "pad"."""
-    if fit == "pad":
-        return (0, 0)
-    s = min(width, height)
-    return (round((height - s) // 2 * size / s), round((width - s) // 2 * size / s))
+def square(img: Image.Image, size: int, how: str) -> Image.Image:
+    """`square_input`'s image alone."""
+    return square_input(img, size, how).image
 
 
 def from_pil(img: Image.Image) -> torch.Tensor:
     """PIL image (any mode) -> float32 tensor (1, 3, H, W) in [-1, 1]."""
     arr = np.asarray(_to_rgb(img) if img.mode != "RGB" else img, dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).div(127.5).sub(1.0).contiguous()
-
-
-def load_image(path: PathLike, size: int, fit: Fit = "crop", max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """Load an image file as a float32 tensor (1, 3, size, size) in [-1, 1], ready for the VAE encoder.
-
-    Raises `ImageError` (a ValueError) for a missing file, a directory, a non-image, a truncated or corrupt
-    file, a zero-size image or one with more than `max_pixels` pixels.
-    """
-    return from_pil(square(open_image(path, max_pixels), size, fit))
 
 
 def to_pil(t: torch.Tensor) -> List[Image.Image]:
@@ -257,15 +257,3 @@ def save_png(img: Image.Image, path: PathLike, metadata: Optional[Dict[str, Any]
         info.add_text(key, value if isinstance(value, str) else json.dumps(value, default=str))
     with atomic_write(path) as f:
         img.save(f, format="PNG", pnginfo=info)
-
-
-def read_png_metadata(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dict[str, str]:
-    """The text chunks of a PNG as a dict of strings (`json.loads` the ones `save_png` encoded)."""
-    path = Path(path)
-    with _open(path, max_pixels) as im:
-        if im.format != "PNG":
-            raise ImageError(f"{path}: not a PNG file ({im.format})")
-        try:
-            return dict(im.text)  # reading all text chunks decodes the image: some may follow the pixel data
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise ImageError(f"{path}: truncated or corrupt image ({_one_line(e)})") from e

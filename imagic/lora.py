@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .settings import FitSettings
+
 # kohya's default for the UNet: every Linear / 1x1 Conv2d inside a SpatialTransformer (diffusers'
 # Transformer2DModel). Matched against the last components of a module path.
 DEFAULT_TARGETS: Tuple[str, ...] = (
@@ -111,7 +113,7 @@ class _LoRAMixin:
 class LoRALinear(_LoRAMixin, nn.Linear):
     """nn.Linear + scale * lora_up(lora_down(x)); lora_down: in -> rank, lora_up: rank -> out, both without bias."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = 4,
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, rank: int = FitSettings.lora_rank,
                  alpha: Optional[float] = None, device: Union[str, torch.device, None] = None,
                  dtype: Optional[torch.dtype] = None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -121,7 +123,7 @@ class LoRALinear(_LoRAMixin, nn.Linear):
         self.reset_lora_parameters()
 
     @classmethod
-    def from_base(cls, base: nn.Linear, rank: int = 4, alpha: Optional[float] = None) -> "LoRALinear":
+    def from_base(cls, base: nn.Linear, rank: int = FitSettings.lora_rank, alpha: Optional[float] = None) -> "LoRALinear":
         new = cls(base.in_features, base.out_features, base.bias is not None, rank, alpha,
                   device="meta", dtype=base.weight.dtype)
         return new._adopt(base)  # type: ignore[return-value]
@@ -133,7 +135,7 @@ class LoRALinear(_LoRAMixin, nn.Linear):
 class LoRAConv2d(_LoRAMixin, nn.Conv2d):
     """A 1x1 nn.Conv2d (SD1's proj_in/proj_out) + scale * lora_up(lora_down(x)), both 1x1 convs without bias."""
 
-    def __init__(self, in_channels: int, out_channels: int, bias: bool = True, rank: int = 4,
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True, rank: int = FitSettings.lora_rank,
                  alpha: Optional[float] = None, device: Union[str, torch.device, None] = None,
                  dtype: Optional[torch.dtype] = None):
         super().__init__(in_channels, out_channels, 1, bias=bias, device=device, dtype=dtype)
@@ -143,7 +145,7 @@ class LoRAConv2d(_LoRAMixin, nn.Conv2d):
         self.reset_lora_parameters()
 
     @classmethod
-    def from_base(cls, base: nn.Conv2d, rank: int = 4, alpha: Optional[float] = None) -> "LoRAConv2d":
+    def from_base(cls, base: nn.Conv2d, rank: int = FitSettings.lora_rank, alpha: Optional[float] = None) -> "LoRAConv2d":
         if not _is_pointwise(base):
             raise TypeError(f"LoRAConv2d wraps plain 1x1 convolutions only, got {base}")
         new = cls(base.in_channels, base.out_channels, base.bias is not None, rank, alpha,
@@ -199,7 +201,7 @@ def lora_modules(unet: nn.Module) -> Iterator[Tuple[str, LoRAModule]]:
             yield path, m
 
 
-def inject_lora(unet: nn.Module, rank: int = 4, alpha: Optional[float] = None,
+def inject_lora(unet: nn.Module, rank: int = FitSettings.lora_rank, alpha: Optional[float] = None,
                 targets: Sequence[str] = DEFAULT_TARGETS, seed: Optional[int] = None) -> List[str]:
     """Replace every module whose path ends with one of `targets` by its LoRA wrapper; returns their paths.
 

@@ -4,32 +4,21 @@ the edits over processes. Formats and fields: `batch.py`'s docstring."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
-from .fitting import FitSettings
 from .fileio import PathLike
 from .metrics import EditMetrics
+from .settings import FitSettings, SampleSettings
 
 
 class ManifestError(ValueError):
     """A manifest that cannot be read; the message names the file and the entry."""
-
-
-@dataclass
-class SampleSettings:
-    """Stage 3 settings of one edit (the arguments of `Editor.sample`)."""
-
-    alpha: List[float] = field(default_factory=lambda: [0.6, 0.7, 0.8, 0.9, 1.0])
-    seeds: List[int] = field(default_factory=lambda: [0])
-    guidance_scale: float = 7.5
-    steps: int = 50
-    ddim_eta: float = 0.0
-    negative_prompt: str = ""
 
 
 @dataclass
@@ -61,7 +50,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is typing.Union:  # Optional[X]
         return None if value in (None, "") else _coerce(key, value, args[0])
-    if typing.get_origin(hint) in (list, List):
+    if typing.get_origin(hint) is tuple:  # Tuple[X, ...]: a list in JSON, space- or comma-separated in CSV
         items = value if isinstance(value, list) else [value] if isinstance(value, (int, float)) else \
             str(value).replace(",", " ").split()
         return [_coerce(key, v, args[0]) for v in items]
@@ -115,6 +104,7 @@ def read_manifest(path: PathLike) -> List[Edit]:
                                 f"{', '.join(sorted(types))}")
         try:
             overrides = {k: _coerce(k, v, types[k]) for k, v in entry.items()}
+            split(overrides)  # checked by the settings dataclasses now, not hours into the batch
         except (TypeError, ValueError) as e:
             raise ManifestError(f"{where}: bad value ({e})") from None
         edits.append(Edit(index=i, image=image, target_text=text, overrides=overrides))
@@ -123,18 +113,25 @@ def read_manifest(path: PathLike) -> List[Edit]:
     return edits
 
 
+def split(overrides: Dict[str, Any], fit: FitSettings = FitSettings(),
+          sample: SampleSettings = SampleSettings()) -> Tuple[FitSettings, SampleSettings]:
+    """`fit` and `sample` with an edit's overrides, each to the dataclass that has that field."""
+    fit_names = {f.name for f in dataclasses.fields(FitSettings)}
+    return (dataclasses.replace(fit, **{k: v for k, v in overrides.items() if k in fit_names}),
+            dataclasses.replace(sample, **{k: v for k, v in overrides.items() if k not in fit_names}))
+
+
 def shard(n: int, rank: int, world_size: int) -> List[int]:
     """The edits one process runs: static and deterministic, so a restart hands out the same work."""
     return list(range(rank, n, world_size))
 
 
-
 @dataclass
 class BatchSettings:
-    """The command line's defaults for every edit, the metrics to compute, the contact sheet size, and whether
+    """The command line's settings for every edit, the metrics to compute, the contact sheet size, and whether
     to run when the plan says an edit will not fit the GPU (`--force`)."""
 
-    fit: Dict[str, Any]
+    fit: FitSettings
     sample: SampleSettings
     metrics: EditMetrics = field(default_factory=EditMetrics)
     thumb_size: int = 128

@@ -18,7 +18,8 @@ without memory (`imagic.plan` counts what they allocate). Two things a real devi
   with head dim <= 256, else memory-efficient attention. `AsOnDevice` calls that kernel's aten op, whose meta
   implementation allocates what the real one returns.
 
-Nothing else changes: every other op runs as written, in its inputs' dtype, as it would under autocast.
+Nothing else changes: every other op runs as written, in its inputs' dtype, as it would under autocast. With
+`autocast()`, `backward(loss)` and `all_finite(values)` it is the `Device` the steps of `imagic.steps` take.
 """
 from __future__ import annotations
 
@@ -111,6 +112,12 @@ class AsOnDevice(TorchFunctionMode):
         torch.autograd.backward calls after its checks)."""
         _engine_run_backward((loss,), (torch.ones_like(loss),), False, False, (), allow_unreachable=True,
                              accumulate_grad=True)
+
+    def all_finite(self, values: torch.Tensor) -> bool:
+        """A step's finiteness check (`steps.Device`): computed, so it allocates what it would on the device, and
+        passed, since meta tensors hold no values to check."""
+        torch.isfinite(values).all()
+        return True
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                    dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,

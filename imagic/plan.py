@@ -1,7 +1,7 @@
 """Know before you run: the memory and compute of every stage of an edit, from the real code on `meta` tensors.
 
     p = plan("sd1", device="cuda", precision="bf16", finetune="lora", seeds=2, alphas=[0.9, 1.0])
-    p.stages["stage1"].peak_bytes, p.stages["stage2"].flops, p.time_floor("A100"), p.fits(8)
+    p.stages["stage1"].peak_bytes, p.stages["stage2"].flops, p.time_floor("A100"), p.within(8)
     print(p.table())
 
 For each stage (`plan_steps`: stage1, stage2, sample, vae_encode, vae_decode) the models are built on the `meta`
@@ -26,7 +26,7 @@ bytes resident before the step plus the highest net allocation torch.profiler se
 the two agree to 0.1% for the UNet stages (sampling 1.8% and the VAE 6% under it: workspace the convolutions
 allocate and free inside one op, which no tensor holds).
 
-Which measurement is right. Issue 31 saw three disagree on one SD1.5 256² fp32 stage-1 step: the profiler said
+Which measurement is right. Three once disagreed on one SD1.5 256² fp32 stage-1 step: the profiler said
 0.36 GiB during the step, resident memory (RSS) grew 0.5-0.6 GiB, a storage-tracking dispatch mode said 1.37 GiB.
 The profiler is right, and an independent method agrees: StorageTracker run on the real tensors gives 0.361 GiB,
 as does the plan. The 1.37 GiB is that tracker without the tensors resident before the step registered:
@@ -49,10 +49,9 @@ from .kernels import triton_available
 from .gpus import CARDS_GB, CUDA_RESERVE_BYTES, GIB, GPUS
 from .plan_steps import Counted, count, meta_text, meta_unet, meta_vae, model_bytes, sample, stage1, stage2, \
     vae_decode, vae_encode
-from .training import PRECISIONS
+from .settings import FitSettings, RuntimeSettings, SampleSettings
 
 STAGES = ("stage1", "stage2", "sample", "vae_encode", "vae_decode")
-DEFAULT_ALPHAS = (0.6, 0.7, 0.8, 0.9, 1.0)  # Editor.sample's
 
 
 @dataclasses.dataclass
@@ -112,7 +111,7 @@ class Plan:
             total += s.edit_flops / (peak * 1e12)
         return total
 
-    def fits(self, card_gb: int) -> bool:
+    def within(self, card_gb: int) -> bool:
         """Whether every stage fits a card of `card_gb` GB (GiB, as cards are sold) beside the CUDA reserve."""
         return self.device_bytes + self.reserve_bytes <= card_gb * GIB
 
@@ -121,7 +120,7 @@ class Plan:
                 "device_bytes": self.device_bytes, "edit_flops": self.edit_flops,
                 "reserve_bytes": self.reserve_bytes,
                 "time_floor_s": {g.name: self.time_floor(g.name) for g in GPUS},
-                "fits_gb": {str(c): self.fits(c) for c in CARDS_GB}}
+                "fits_gb": {str(c): self.within(c) for c in CARDS_GB}}
 
     def table(self) -> str:
         return format_plan(self)
@@ -134,45 +133,44 @@ def _count_of(items: Union[int, Sequence[object]], name: str) -> int:
     return n
 
 
-def _check(cfg: ModelConfig, device: str, precision: str, finetune: str, lora_rank: int, resolution: int,
-           kernels: str) -> None:
+def _check_size(cfg: ModelConfig, device: str, resolution: int) -> None:
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be cuda or cpu, got {device!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if finetune not in ("lora", "full"):
-        raise ValueError(f"finetune must be lora or full, got {finetune!r}")
-    if lora_rank < 1:
-        raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
-    if kernels not in ("auto", "triton", "torch"):
-        raise ValueError(f"kernels must be auto, triton or torch, got {kernels!r}")
     multiple = cfg.vae.downsample_factor * 2 ** (len(cfg.unet.channel_mult) - 1)
     if resolution < multiple or resolution % multiple:
         raise ValueError(f"resolution must be a positive multiple of {multiple} for this model, got {resolution}")
 
 
-def plan(model: Union[str, ModelConfig], device: str = "cuda", precision: str = "bf16", finetune: str = "lora",
-         lora_rank: int = 4, resolution: Optional[int] = None, gradient_checkpointing: bool = False,
-         seeds: Union[int, Sequence[int]] = 1, alphas: Union[int, Sequence[float]] = DEFAULT_ALPHAS,
-         embed_steps: int = 1000, finetune_steps: Optional[int] = None, ddim_steps: int = 50,
-         kernels: str = "auto", offload: bool = False, reserve_bytes: int = CUDA_RESERVE_BYTES,
+def plan(model: Union[str, ModelConfig], device: str = "cuda", precision: str = RuntimeSettings.precision,
+         finetune: str = FitSettings.finetune, lora_rank: int = FitSettings.lora_rank,
+         resolution: Optional[int] = None, gradient_checkpointing: bool = RuntimeSettings.gradient_checkpointing,
+         seeds: Union[int, Sequence[int]] = SampleSettings.seeds,
+         alphas: Union[int, Sequence[float]] = SampleSettings.alpha, embed_steps: int = FitSettings.embed_steps,
+         finetune_steps: Optional[int] = None, ddim_steps: int = SampleSettings.steps,
+         kernels: str = RuntimeSettings.kernels, offload: bool = False, reserve_bytes: int = CUDA_RESERVE_BYTES,
          sample_batch: int = 1) -> Plan:
     """The plan of an edit of `model` (a family preset name: "sd1", "sd2", "sd2-v", "sdxl", or a ModelConfig).
 
-    resolution: pixels (default: the model's native size); seeds, alphas: counts or lists, the edit samples their
-    product of images, `sample_batch` per UNet call (the Editor's is 1: it runs each seed's DDIM loop alone, and
-    decodes one latent at a time), its CFG batch twice that; steps default to the editor's (FitSettings: 1000 embedding steps,
-    500 LoRA / 1500 full fine-tuning steps; 50 DDIM steps). kernels: "auto" (our Triton kernels on CUDA
-    when Triton is installed here), "triton" or "torch". See the module docstring for the rest.
+    device: "cuda" or "cpu", where the edit would run. resolution: pixels (default: the model's native size);
+    seeds, alphas: counts or lists, the edit samples their product of images, `sample_batch` per UNet call (the
+    Editor's is 1: it runs each seed's DDIM loop alone, and decodes one latent at a time), its CFG batch twice that.
+    The other settings, their defaults and their checks are the editor's (`imagic.settings`); finetune_steps None
+    is the mode's default. kernels: "auto" (our Triton kernels on CUDA when Triton is installed here), "triton" or
+    "torch". See the module docstring for the rest.
     """
     cfg = model if isinstance(model, ModelConfig) else preset(model)
+    fit = FitSettings(finetune=finetune, lora_rank=lora_rank, embed_steps=embed_steps,
+                      finetune_steps=finetune_steps).resolved()
+    RuntimeSettings(precision=precision, kernels=kernels, resolution=resolution)  # checked as the editor's are
+    ddim_steps = SampleSettings(steps=ddim_steps).steps
     resolution = resolution or cfg.image_size
-    _check(cfg, device, precision, finetune, lora_rank, resolution, kernels)
+    _check_size(cfg, device, resolution)
     images = _count_of(seeds, "seeds") * _count_of(alphas, "alphas")
     batch = min(_count_of(sample_batch, "sample_batch"), images)
     triton = device == "cuda" and (kernels == "triton" or (kernels == "auto" and triton_available()))
-    steps = {"stage1": embed_steps, "stage2": finetune_steps or (500 if finetune == "lora" else 1500),
-             "sample": ddim_steps * -(-images // batch), "vae_encode": 1, "vae_decode": images}
+    steps = {"stage1": fit.embed_steps, "stage2": fit.finetune_steps,
+             "sample": ddim_steps * -(-images // batch), "vae_encode": 1,
+             "vae_decode": images}
     latent = resolution // cfg.vae.downsample_factor
 
     unet = meta_unet(cfg, precision, gradient_checkpointing)
@@ -260,6 +258,6 @@ def format_plan(p: Plan) -> str:
         t = p.time_floor(g.name)
         floors.append(f"{g.name} {_seconds(t)}" if t is not None else f"{g.name} n/a")
     lines.append("Compute-bound time floor (dense tensor-core peak, fp32 at TF32): " + ", ".join(floors) + ".")
-    fits = ", ".join(f"{c} GB {'yes' if p.fits(c) else 'no'}" for c in CARDS_GB)
+    fits = ", ".join(f"{c} GB {'yes' if p.within(c) else 'no'}" for c in CARDS_GB)
     lines.append(f"Fits (with {p.reserve_bytes / GIB:.2f} GiB for the CUDA context): {fits}.")
     return "\n".join(lines)

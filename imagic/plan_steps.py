@@ -1,5 +1,5 @@
-"""The steps `imagic.plan` counts, built from the editor's own pieces exactly as benchmarks/imagic_step.py builds
-the steps it measures, here on `meta` tensors, and the counting of one step's bytes and FLOPs.
+"""The steps `imagic.plan` counts, which are the editor's own step functions (`imagic.steps`, also what
+benchmarks/imagic_step.py measures) called on `meta` tensors, and the counting of one step's bytes and FLOPs.
 
     stage1      forward + backward to the text embedding (weights frozen) + Adam on the embedding
     stage2      LoRA (`lora.inject_lora`, kohya's targets) or every UNet weight (fp32 master weights) + Adam
@@ -9,14 +9,14 @@ the steps it measures, here on `meta` tensors, and the counting of one step's by
 
 The text embedding is the editor's (imagic.conditioning): (1, 77, context_dim), or on a model with a second,
 pooled text tower (SDXL) context and pooled vector packed into one more row, (1, 78, context_dim)
-(`imagic.sdxl.pack`); a vector-conditioned UNet (`num_classes` set) is called through `imagic.sdxl.VectorUNet`,
-which unpacks it and appends a native-size, uncropped image's size features to make `y`, as the editor calls it.
+(`imagic.sdxl.pack`); a vector-conditioned UNet (`num_classes` set) is called as `steps.unet_call` calls it,
+with a native-size, uncropped image's size features.
 
 Precision as in the editor: frozen UNet weights in the working precision, the embedding, LoRA matrices, full
-fine-tuning weights and their Adam state in fp32, autocast for the UNet forward (`meta_device.AsOnDevice`
-stands in for it). Adam is torch's fused implementation, which `training.make_adam` picks on CPU and CUDA for
+fine-tuning weights and their Adam state in fp32, autocast for the UNet forward (`meta_device.AsOnDevice` is the
+steps' `Device` here). Adam is torch's fused implementation, which `steps.make_adam` picks on CPU and CUDA for
 fp32 parameters: its state (two moments and a step counter per parameter) is created at the first step, and the
-update is in place. Fused Adam has no meta kernel, so `_fused_adam_state` makes that state as torch.optim.Adam's
+update is in place. Fused Adam has no meta kernel, so `MetaAdam` makes that state as torch.optim.Adam's
 `_init_group` does for fused=True, and the in-place update, which allocates nothing, is left out.
 
 FLOPs are torch.utils.flop_counter's (matmuls, convolutions and attention; elementwise ops count zero;
@@ -40,22 +40,20 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backwa
     shape_wrapper
 
 from . import kernels
-from . import lora as L
 from .assemble import meta_model
 from .clip import build_text_encoder
 from .config import ModelConfig
 from .kernels import launch
 from .meta_device import AsOnDevice
 from .plan_memory import StorageTracker
-from .samplers import ddim_step, guided_model_output
 from .schedule import NoiseSchedule
-from .sdxl import Conditioner, VectorUNet, size_features
-from .training import PRECISIONS, denoising_loss
+from .sdxl import Conditioner, VectorUNet
+from .settings import PRECISIONS, FitSettings, SampleSettings
+from .steps import Model, denoiser, guided_ddim_step, stage1_step, stage2_step, trainable, unet_call
 from .unet import UNetModel
 from .vae import AutoencoderKL, DiagonalGaussian
 
-GUIDANCE = 7.5
-SAMPLE_T, SAMPLE_T_PREV = 501, 481  # one step of a 50-step DDIM schedule, as benchmarks/imagic_step.py
+SAMPLE_T, SAMPLE_T_PREV = 501, 481  # one step of a 50-step DDIM schedule, which benchmarks/imagic_step.py times
 TEXT_TOKENS = 77
 
 
@@ -185,100 +183,80 @@ def embedding(cfg: ModelConfig, batch: int = 1, requires_grad: bool = False) -> 
     return _meta(batch, rows, cfg.unet.context_dim, requires_grad=requires_grad)
 
 
-def unet_call(unet: nn.Module, cfg: ModelConfig, latent: int) -> Tuple[Callable[..., Tensor], List[Tensor]]:
-    """(the UNet as the editor calls it with an embedding, the tensors that call holds): the UNet itself, or on a
-    vector-conditioned UNet a `VectorUNet` with the size features of a native-size uncropped image (fp32, as
-    `Conditioning.unet_call` makes them on the device)."""
-    if cfg.unet.num_classes is None:
-        return unet, []
-    if cfg.text2 is None:
-        raise ValueError("a vector-conditioned UNet needs the pooled vector of a second text tower (text2)")
-    size = latent * cfg.vae.downsample_factor
-    sizes = size_features((size, size), (0, 0), (size, size), cfg.size_embed_dim, torch.device("meta"))
-    return VectorUNet(unet, cfg.text2.projection_dim, sizes), [sizes]
+def _unet_call(unet: nn.Module, cfg: ModelConfig, latent: int) -> Tuple[Model, List[Tensor]]:
+    """(the UNet as the editor calls it with an embedding, the tensors that call holds): `steps.unet_call` with
+    the size conditioning of a native-size, uncropped image."""
+    size = [latent * cfg.vae.downsample_factor] * 2
+    call = unet_call(unet, cfg, {"original_size": size, "crop_top_left": [0, 0], "target_size": size}, "meta")
+    return call, [call.sizes] if isinstance(call, VectorUNet) else []
 
 
-def _fused_adam_state(params: List[Tensor], state: Dict[int, List[Tensor]]) -> None:
-    """The state torch.optim.Adam(fused=True) creates at its first step (`_init_group`): a float32 step counter
-    on the parameter's device and two moments like the parameter."""
-    for p in params:
-        if p.grad is not None and id(p) not in state:
-            state[id(p)] = [torch.zeros((), dtype=torch.float32, device=p.device),
-                            torch.zeros_like(p, memory_format=torch.preserve_format),
-                            torch.zeros_like(p, memory_format=torch.preserve_format)]
+class MetaAdam:
+    """torch.optim.Adam(fused=True) on meta tensors, where it has no kernel: `zero_grad(set_to_none=True)` as
+    Adam's, and at the first step the state `_init_group` creates for fused=True (a float32 step counter on the
+    parameter's device and two moments like the parameter); the in-place update allocates nothing and is left out."""
+
+    def __init__(self, params: List[Tensor]):
+        self.params, self.state = params, {}  # type: Tuple[List[Tensor], Dict[int, List[Tensor]]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        for p in self.params:
+            if p.grad is not None and id(p) not in self.state:
+                self.state[id(p)] = [torch.zeros((), dtype=torch.float32, device=p.device),
+                                     torch.zeros_like(p, memory_format=torch.preserve_format),
+                                     torch.zeros_like(p, memory_format=torch.preserve_format)]
 
 
-class _Autocast(nn.Module):
-    """The UNet called inside the autocast region, where `training.denoising_loss` would enter torch.autocast."""
-
-    def __init__(self, unet: Callable[..., Tensor], device: AsOnDevice):
-        super().__init__()
-        self.unet, self.device = unet, device
-
-    def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        with self.device.autocast():
-            return self.unet(x, t, context)
-
-
-def training_step(unet: nn.Module, params: List[Tensor], context: Tensor, x0: Tensor, schedule: NoiseSchedule,
-                  cfg: ModelConfig) -> Step:
-    """benchmarks/imagic_step.py `Trainer.step`: zero_grad(set_to_none), the denoising loss (t and noise from a
-    CPU generator), backward, Adam; resident as its `Trainer.resident`. `unet` is called as `unet_call` says."""
-    gen = torch.Generator().manual_seed(0)
-    state: Dict[int, List[Tensor]] = {}
-    call, held = unet_call(unet, cfg, x0.shape[-1])
+def _training_step(unet: nn.Module, params: List[Tensor], context: Tensor, cfg: ModelConfig, latent: int,
+                   stage: int) -> Step:
+    """The editor's stage-1 or stage-2 step (`steps.stage1_step` / `stage2_step`) with a seeded CPU generator and
+    `MetaAdam`; resident as benchmarks/imagic_step.py's `Trainer.resident`."""
+    gen, opt = torch.Generator().manual_seed(0), MetaAdam(params)
+    x0 = _meta(1, cfg.unet.in_channels, latent, latent)
+    schedule = NoiseSchedule.from_config(cfg)
+    call, held = _unet_call(unet, cfg, latent)
 
     def run(device: AsOnDevice) -> None:
-        for p in params:
-            p.grad = None
-        # precision "fp32": no torch.autocast (none exists on meta); _Autocast stands in for it around the UNet
-        device.backward(denoising_loss(_Autocast(call, device), schedule, x0, context, gen, "fp32"))
-        _fused_adam_state(params, state)
+        if stage == 1:
+            stage1_step(call, schedule, x0, context, opt, gen, device)  # type: ignore[arg-type]
+        else:
+            stage2_step(call, schedule, x0, context, params, opt, gen, device)  # type: ignore[arg-type]
 
-    trainable = {id(p) for p in params}
-    frozen = [t for t in [*unet.parameters(), *unet.buffers()] if id(t) not in trainable]
+    trainable_ids = {id(p) for p in params}
+    frozen = [t for t in [*unet.parameters(), *unet.buffers()] if id(t) not in trainable_ids]
     return Step(run, {"trainable": list(params), "weights": frozen, "activations": [context, x0, *held]},
-                lambda: [*(p.grad for p in params), *(t for s in state.values() for t in s)])
+                lambda: [*(p.grad for p in params), *(t for s in opt.state.values() for t in s)])
 
 
 def stage1(unet: nn.Module, cfg: ModelConfig, latent: int) -> Step:
     e = embedding(cfg, requires_grad=True)  # the embedding is param and context
-    return training_step(unet, [e], e, _meta(1, cfg.unet.in_channels, latent, latent),
-                         NoiseSchedule.from_config(cfg), cfg)
+    return _training_step(unet, [e], e, cfg, latent, stage=1)
 
 
 @contextlib.contextmanager
 def stage2(unet: nn.Module, cfg: ModelConfig, latent: int, finetune: str, lora_rank: int) -> Iterator[Step]:
-    """The stage-2 step on `unet`, made trainable for the block (LoRA injected, or every weight in fp32)."""
-    if finetune == "lora":
-        L.inject_lora(unet, rank=lora_rank)
-        params = L.lora_parameters(unet)
-    else:
-        unet.float().requires_grad_(True)
-        params = list(unet.parameters())
-    try:
-        yield training_step(unet, params, embedding(cfg), _meta(1, cfg.unet.in_channels, latent, latent),
-                            NoiseSchedule.from_config(cfg), cfg)
-    finally:
-        if finetune == "lora":
-            L.remove_lora(unet)
+    """The stage-2 step on `unet`, made trainable for the block as the editor does (`steps.trainable`)."""
+    with trainable(unet, FitSettings(finetune=finetune, lora_rank=lora_rank)) as params:
+        yield _training_step(unet, params, embedding(cfg), cfg, latent, stage=2)
 
 
 def sample(unet: nn.Module, cfg: ModelConfig, latent: int, batch: int) -> Step:
-    """benchmarks/imagic_step.py `sampling_step` for `batch` latents (each with its own context: seeds x alphas)."""
-    dtype = next(unet.parameters()).dtype
+    """`steps.guided_ddim_step` as the editor samples (its `denoiser` in the weights' dtype), for `batch` latents
+    (each with its own context: seeds x alphas), with the default guidance scale."""
     x = _meta(batch, cfg.unet.in_channels, latent, latent)
     context, uncond = embedding(cfg, batch), embedding(cfg)
     schedule = NoiseSchedule.from_config(cfg)
-    call, held = unet_call(unet, cfg, latent)
-
-    def denoiser(x_: Tensor, t: Tensor, c: Tensor) -> Tensor:  # the editor's `_denoiser`
-        return call(x_.to(dtype), t, c.to(dtype)).float()
+    call, held = _unet_call(unet, cfg, latent)
+    model = denoiser(call, next(unet.parameters()).dtype)
+    s = SampleSettings()
 
     def run(device: AsOnDevice) -> None:
-        with torch.no_grad(), device.autocast():
-            out = guided_model_output(denoiser, x, SAMPLE_T, context, uncond, GUIDANCE)
-            ddim_step(schedule, out, x, SAMPLE_T, SAMPLE_T_PREV)
+        guided_ddim_step(model, schedule, x, SAMPLE_T, SAMPLE_T_PREV, context, uncond, s.guidance_scale, s.ddim_eta,
+                         device)  # type: ignore[arg-type]
 
     return Step(run, {"weights": [*unet.parameters(), *unet.buffers()], "activations": [x, context, uncond, *held]})
 

@@ -9,8 +9,8 @@ from typing import Dict, List, Optional, Tuple
 from PIL import Image
 from torch import Tensor
 
-from .conditioning import SizeConditioning
-from .fitting import FitSettings
+from .settings import FitSettings
+from .steps import SizeConditioning
 
 
 @dataclass

@@ -12,7 +12,8 @@
     grid.png, grid-2.png, ...      one grid per sampling call (rows: seeds, columns: alphas), listed in run.log
     run.log                        what happened, with peak memory per stage
 
-Every file is written atomically. A lock file keeps a second process out while one is working on the run; the
+Every file is written atomically. An edit without a directory (`Editor.fit` without `out`) runs against `Unsaved`,
+which has the same methods, writes nothing and finds nothing to resume, so the editor has one code path. A lock file keeps a second process out while one is working on the run; the
 process that takes the lock removes the temporary files a killed predecessor may have left. Sampling never
 replaces what an earlier call wrote: a sample's name carries every setting that changes its pixels, a name that is
 taken by a different image gets a `-2`, `-3`, ... suffix, and each call's grid takes the next free grid name.
@@ -26,11 +27,13 @@ import itertools
 import os
 import platform
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw
+from torch import Tensor
 
-from .fileio import OutputError, PathLike, read_json, remove_stale_temporaries, write_csv, write_json
+from .fileio import (OutputError, PathLike, load_safetensors, read_json, remove_stale_temporaries, save_safetensors,
+                     write_csv, write_json)
 
 
 class RunError(ValueError):
@@ -76,6 +79,56 @@ class RunDir:
 
     def finetuned(self, mode: str) -> Path:
         return self.lora if mode == "lora" else self.full_unet
+
+    # --- stages 1 and 2: what is done, what to resume from, what they leave --------------------------------------
+    def record(self, make_args: Callable[[], Dict[str, Any]], identity: Sequence[str], image: Image.Image,
+               target_text: str, target_embedding: Tensor) -> None:
+        """Start or rejoin the edit: args.json (or the check that it is this edit), input.png, e_tgt."""
+        from .images import save_png
+
+        self.check_or_write_args(make_args(), identity)
+        if not self.input_image.exists():
+            save_png(image, self.input_image, {"target_text": target_text})
+        if not self.target_embedding.exists():
+            save_safetensors(self.target_embedding, {"embedding": target_embedding})
+
+    def optimized(self) -> Optional[Tensor]:
+        """e_opt when stage 1 is done (its file marks that), else None."""
+        if not self.optimized_embedding.exists():
+            return None
+        self.resume_state(1).unlink(missing_ok=True)  # left behind if a kill came between the two writes
+        return load_safetensors(self.optimized_embedding)[0]["embedding"]
+
+    def finished_weights(self, mode: str) -> Optional[Path]:
+        """The stage-2 file when stage 2 is done, else None."""
+        if not self.finetuned(mode).exists():
+            return None
+        self.resume_state(2).unlink(missing_ok=True)
+        return self.finetuned(mode)
+
+    def resume_from(self, stage: int) -> Optional[Path]:
+        """Where the stage's loop saves (and finds) its resume state (None: nowhere)."""
+        return self.resume_state(stage)
+
+    def finish_embedding(self, e_opt: Tensor, losses: Sequence[float], summary: str) -> None:
+        """Stage 1 is done: e_opt written (its file marks that), its losses kept, its resume state dropped."""
+        save_safetensors(self.optimized_embedding, {"embedding": e_opt})
+        self._finished(1, losses, summary)
+
+    def finish_weights(self, mode: str, write: Callable[[Path], None], losses: Sequence[float], summary: str) -> None:
+        """Stage 2 is done: `write` puts the weights in their file (which marks that), and so on as stage 1."""
+        write(self.finetuned(mode))
+        self._finished(2, losses, summary)
+
+    def _finished(self, stage: int, losses: Sequence[float], summary: str) -> None:
+        self.write_losses(stage, losses)
+        self.resume_state(stage).unlink(missing_ok=True)
+        self.log(f"stage {stage} done: {summary}")
+
+    def save_loss_plot(self, curves: Dict[str, Sequence[float]]) -> None:
+        from .images import save_png
+
+        save_png(plot_losses(curves), self.loss_plot)
 
     # --- stage 3 outputs: never replace an earlier call's files ----------------------------------------------
     def new_grid(self) -> Path:
@@ -195,8 +248,57 @@ class RunDir:
                            "stay, the curve is lost) or choose a new --out directory") from None
 
 
+class Unsaved(RunDir):
+    """An edit kept in memory only: the RunDir methods an edit calls, writing nothing, finding nothing done and
+    nothing to resume, taking no lock."""
+
+    def __init__(self) -> None:
+        super().__init__(".")
+        self.root = None  # type: ignore[assignment]
+
+    def record(self, make_args: Callable[[], Dict[str, Any]], identity: Sequence[str], image: Image.Image,
+               target_text: str, target_embedding: Tensor) -> None:
+        pass
+
+    def optimized(self) -> Optional[Tensor]:
+        return None
+
+    def finished_weights(self, mode: str) -> Optional[Path]:
+        return None
+
+    def resume_from(self, stage: int) -> Optional[Path]:
+        return None
+
+    def finish_embedding(self, e_opt: Tensor, losses: Sequence[float], summary: str) -> None:
+        pass
+
+    def finish_weights(self, mode: str, write: Callable[[Path], None], losses: Sequence[float], summary: str) -> None:
+        pass
+
+    def write_losses(self, stage: int, losses: Sequence[float]) -> None:
+        pass
+
+    def save_loss_plot(self, curves: Dict[str, Sequence[float]]) -> None:
+        pass
+
+    def save_samples(self, images: Dict[Tuple[int, float], Image.Image], grid: Image.Image,
+                     settings: Dict[str, Any]) -> Tuple[Dict[Tuple[int, float], Path], Optional[Path]]:
+        return {}, None
+
+    def __enter__(self) -> "Unsaved":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def run_dir(root: Optional[PathLike]) -> RunDir:
+    """The run directory at `root`, or an `Unsaved` one for None."""
+    return Unsaved() if root is None else RunDir(root)
+
+
 def sample_stem(seed: int, alpha: float, guidance_scale: float, steps: int, ddim_eta: float,
-                negative_prompt: str = "") -> str:
+                negative_prompt: str) -> str:
     """A sample's file name without suffix, from every setting that changes its pixels (the negative prompt as a
     short hash: it is free text)."""
     stem = f"seed{seed}_alpha{alpha:g}_cfg{guidance_scale:g}_steps{steps}_eta{ddim_eta:g}"

@@ -1,5 +1,6 @@
-"""Samplers: DDIM (deterministic or with `ddim_eta` noise), the ancestral DDPM step, classifier-free guidance,
-SDEdit-style starting points and reproducible initial latents.
+"""Sampler maths: the DDIM update (deterministic or with `ddim_eta` noise), classifier-free guidance, SDEdit-style
+starting points and reproducible initial latents. The sampling loop is `steps.sample_ddim`, over
+`steps.guided_ddim_step`.
 
 The model is any callable `model(x, t, context) -> Tensor` with `t` a LongTensor of shape (B,); its output is
 the noise or the velocity, as `NoiseSchedule.prediction_type` says.
@@ -16,13 +17,11 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .schedule import NoiseSchedule
+from .settings import SampleSettings
 
 Model = Callable[[Tensor, Tensor, Tensor], Tensor]
-# callback(step_index, t, latents after the step, x0 predicted at this step)
-Callback = Callable[[int, int, Tensor, Tensor], None]
 
 
 class StepOutput(NamedTuple):
@@ -49,7 +48,7 @@ def _randn_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
 
 
 def ddim_step(schedule: NoiseSchedule, model_output: Tensor, x: Tensor, t: int, t_prev: int,
-              ddim_eta: float = 0.0, noise: Optional[Tensor] = None,
+              ddim_eta: float = SampleSettings.ddim_eta, noise: Optional[Tensor] = None,
               generator: Optional[torch.Generator] = None) -> StepOutput:
     """One DDIM update x_t -> x_{t_prev} (Song et al. 2021, eq. 12; ldm/models/diffusion/ddim.py `p_sample_ddim`).
 
@@ -69,26 +68,6 @@ def ddim_step(schedule: NoiseSchedule, model_output: Tensor, x: Tensor, t: int, 
         z = noise if noise is not None else _randn_like(x, generator)
         prev = prev + sigma * z.float()
     return StepOutput(prev.to(x.dtype), x0.to(x.dtype))
-
-
-def ddpm_step(schedule: NoiseSchedule, model_output: Tensor, x: Tensor, t: int, t_prev: Optional[int] = None,
-              noise: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> StepOutput:
-    """One ancestral step from the DDPM posterior q(x_{t_prev} | x_t, x0) with its own ("fixed small") variance
-    (ldm/models/diffusion/ddpm.py `q_posterior`, `p_sample`); `t_prev` defaults to t - 1, and a larger stride
-    uses beta = 1 - abar_t / abar_prev as diffusers' DDPMScheduler does. No noise at t = 0.
-    """
-    t_prev = t - 1 if t_prev is None else t_prev
-    abar = schedule.alphas_cumprod
-    a_t = abar[t].item()
-    a_prev = abar[t_prev].item() if t_prev >= 0 else 1.0
-    beta = 1 - a_t / a_prev
-    x0, _ = schedule.predict_x0_and_eps(model_output.float(), x.float(), t)
-    mean = (a_prev ** 0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x.float()
-    if t > 0:
-        variance = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)  # the original clips the log-variance at 1e-20
-        z = noise if noise is not None else _randn_like(x, generator)
-        mean = mean + variance ** 0.5 * z.float()
-    return StepOutput(mean.to(x.dtype), x0.to(x.dtype))
 
 
 def _batch(context: Tensor, batch: int) -> Tensor:
@@ -114,30 +93,10 @@ def guided_model_output(model: Model, x: Tensor, t: Union[int, Tensor], context:
     return guided.to(out_cond.dtype)
 
 
-@torch.no_grad()
-def sample_ddim(model: Model, schedule: NoiseSchedule, latents: Tensor, context: Tensor,
-                uncond_context: Optional[Tensor] = None, steps: int = 50, guidance_scale: float = 7.5,
-                ddim_eta: float = 0.0, generator: Optional[torch.Generator] = None,
-                callback: Optional[Callback] = None, progress: bool = True, start_step: int = 0) -> Tensor:
-    """DDIM sampling with classifier-free guidance, from `latents` at timestep `ddim_timesteps(steps)[start_step]`
-    (pure noise for start_step 0; see `sdedit_start` for starting from a noised image). Returns the final latents.
-    """
-    timesteps: Sequence[int] = ddim_timesteps(steps, schedule.num_timesteps).tolist()
-    x = latents
-    for i in tqdm(range(start_step, steps), desc="DDIM", disable=not progress):
-        t = timesteps[i]
-        t_prev = timesteps[i + 1] if i + 1 < steps else -1
-        out = guided_model_output(model, x, t, context, uncond_context, guidance_scale)
-        x, x0 = ddim_step(schedule, out, x, t, t_prev, ddim_eta, generator=generator)
-        if callback is not None:
-            callback(i, t, x, x0)
-    return x
-
-
 def sdedit_start(schedule: NoiseSchedule, x0: Tensor, strength: float, steps: int,
                  noise: Tensor) -> Tuple[Tensor, int]:
     """SDEdit (Meng et al. 2022) / img2img: noise a clean latent to the DDIM timestep that leaves
-    `int(steps * strength)` steps to run. Returns (noised latents, start_step) for `sample_ddim(start_step=...)`;
+    `int(steps * strength)` steps to run. Returns (noised latents, start_step) for `steps.sample_ddim(start_step=...)`;
     the remaining timesteps are `ddim_timesteps(steps)[start_step:]`. Same choice as LDM's img2img script
     (`t_enc = int(strength * ddim_steps)`) and diffusers' img2img pipeline.
     """

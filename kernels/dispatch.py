@@ -1,8 +1,10 @@
 """Whether an op runs its Triton kernel or its torch reference, and what happens when the kernel fails.
 
 Default: Triton when it is importable and the tensors live on a CUDA GPU that supports their dtype (bf16 needs
-sm_80). The env var `IMAGIC_KERNELS` (`triton` | `torch` | `auto`) and the context manager `use_triton(...)`
-override that for A/B runs and for the CPU interpreter tests (`TRITON_INTERPRET=1`).
+sm_80). The context manager `use_triton(...)` overrides that for A/B runs and for the CPU interpreter tests
+(`TRITON_INTERPRET=1`); the editor enters its `kernels` setting once per call (`use_setting`). The environment
+variable `IMAGIC_KERNELS` (`triton` | `torch` | `auto`) is the user's override of the automatic choice, read once
+when this module is first imported (`STARTUP_CHOICE`), not at every op.
 
 A Triton kernel that fails to compile or launch on a user's GPU (an architecture Triton does not support, out of
 shared memory, a Triton/driver mismatch, no config that fits) must not end an edit: `with_fallback` catches
@@ -23,7 +25,7 @@ import importlib.util
 import logging
 import os
 import warnings
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -35,6 +37,25 @@ T = TypeVar("T")
 _forced: Optional[bool] = None
 _strict: bool = False
 _failed: Dict[str, str] = {}  # op -> why its Triton path was switched off
+
+_CHOICES = {"auto": None, "triton": True, "torch": False}  # a `kernels` setting -> what use_triton gets
+CHOICES = tuple(_CHOICES)
+_ALIASES = {"1": "triton", "on": "triton", "0": "torch", "off": "torch"}
+
+
+def environment_choice() -> str:
+    """`IMAGIC_KERNELS` as one of auto, triton, torch (1/on and 0/off are accepted too; anything else is auto)."""
+    value = os.environ.get("IMAGIC_KERNELS", "auto").lower()
+    value = _ALIASES.get(value, value)
+    return value if value in _CHOICES else "auto"
+
+
+STARTUP_CHOICE = environment_choice()  # the user's override, read once at start-up
+
+
+def _check_setting(setting: str) -> None:
+    if setting not in _CHOICES:
+        raise ValueError(f"kernels must be one of {', '.join(_CHOICES)}, got {setting!r}")
 
 
 def triton_available() -> bool:
@@ -55,6 +76,26 @@ def use_triton(enabled: Optional[bool], strict: bool = False) -> Iterator[None]:
         _forced, _strict = previous
 
 
+def use_setting(setting: str) -> ContextManager[None]:
+    """The editor's `kernels` setting entered: `use_triton(True)` for "triton", `use_triton(False)` for "torch";
+    nothing for "auto", which leaves the choice to an enclosing `use_triton`, else `IMAGIC_KERNELS` as read at
+    start-up, else the automatic rule."""
+    _check_setting(setting)
+    choice = _CHOICES[setting]
+    return contextlib.nullcontext() if choice is None else use_triton(choice)
+
+
+def resolve(setting: str) -> str:
+    """What a `kernels` setting (auto | triton | torch) comes to here, in the same order `triton_enabled` decides:
+    an explicit setting, else an enclosing `use_triton`, else the start-up override, else "auto"."""
+    _check_setting(setting)
+    if setting != "auto":
+        return setting
+    if _forced is not None:
+        return "triton" if _forced else "torch"
+    return STARTUP_CHOICE
+
+
 def _strict_mode() -> bool:
     return _strict or os.environ.get("IMAGIC_KERNELS_STRICT", "0") == "1"
 
@@ -70,19 +111,13 @@ def reset_failures() -> None:
 
 
 def triton_enabled(op: str, *tensors: torch.Tensor) -> bool:
-    """Decide for one call of `op`: not if its kernel failed before; else the forced setting, else the env var,
-    else 'CUDA tensors, Triton present and the dtype supported by this GPU'."""
+    """Decide for one call of `op`: not if its kernel failed before; else the forced setting, else the start-up
+    override, else 'CUDA tensors, Triton present and the dtype supported by this GPU'."""
     if is_recording():  # launches are being listed for a target GPU (launch.recording): meta tensors only
         return all(t.device.type == "meta" and gpu_arch(t.device).supports(t.dtype) for t in tensors)
     if not triton_available() or op in _failed:
         return False
-    choice = _forced
-    if choice is None:
-        env = os.environ.get("IMAGIC_KERNELS", "auto").lower()
-        if env in ("triton", "1", "on"):
-            choice = True
-        elif env in ("torch", "0", "off"):
-            choice = False
+    choice = _forced if _forced is not None else _CHOICES[STARTUP_CHOICE]
     if choice is False:
         return False
     if choice is True and interpreting() and all(t.device.type == "cpu" for t in tensors):

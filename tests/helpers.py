@@ -1,8 +1,14 @@
-"""Shared test utilities: random weights that leave no parameter at its default init."""
+"""Shared test utilities: random weights that leave no parameter at its default init, error measures, and
+image files read back the way the library writes and reads them."""
 from __future__ import annotations
 
+from typing import Dict
+
 import torch
+from PIL import Image
 from torch import nn
+
+from imagic.images import DEFAULT_MAX_PIXELS, ImageError, from_pil, open_image, square
 
 
 @torch.no_grad()
@@ -28,7 +34,7 @@ def randomize_(module: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """Max abs error divided by the reference's std (the issues' tolerance measure)."""
+    """Max abs error divided by the reference's std (the tolerance measure of the parity tests)."""
     ours, ref = ours.detach().double(), ref.detach().double()
     return ((ours - ref).abs().max() / ref.std().clamp_min(1e-12)).item()
 
@@ -41,3 +47,17 @@ def rounding_tol(dtype: torch.dtype, roundings: int) -> float:
     of the output's std (an upper end: normalised residual blocks damp the earlier ones); the max over a few hundred
     outputs of a Gaussian error stays below 4x its rms (P(|Z| > 4) = 6e-5 per output)."""
     return 4 * torch.finfo(dtype).eps / 2 * (roundings / 3) ** 0.5
+
+
+def load_image(path, size: int, how: str = "crop", max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """An image file as the editor takes it in: decoded (`open_image`), made square at `size` (`square`), as a
+    float32 tensor (1, 3, size, size) in [-1, 1]."""
+    return from_pil(square(open_image(path, max_pixels), size, how))
+
+
+def read_png_metadata(path) -> Dict[str, str]:
+    """The text chunks of a PNG (`json.loads` the ones `images.save_png` encoded)."""
+    with Image.open(path) as im:
+        if im.format != "PNG":
+            raise ImageError(f"{path}: not a PNG file ({im.format})")
+        return dict(im.text)

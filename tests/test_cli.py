@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from imagic.cli import main
-from imagic.images import read_png_metadata
+from tests.helpers import read_png_metadata
 from tests.tiny import write_tiny_checkpoint
 
 STEPS = ["--embed-steps", "3", "--finetune-steps", "3", "--steps", "2", "--quiet", "--device", "cpu"]
@@ -89,7 +89,7 @@ def test_sampling_again_never_replaces_earlier_outputs(files, capsys, tmp_path):
 def test_train_resumes_and_txt2img_img2img(files, capsys, tmp_path):
     d, ckpt, img = files
     argv = ["train", "--ckpt", str(ckpt), "--image", str(img), "--prompt", "a red square", "--out",
-            str(tmp_path / "run"), "--fit", "pad", *STEPS[:4], "--quiet", "--device", "cpu"]
+            str(tmp_path / "run"), "--square", "pad", *STEPS[:4], "--quiet", "--device", "cpu"]
     assert _run(argv, capsys)[0] == 0
     assert _run(argv, capsys)[0] == 0  # finished stages are skipped
     assert not (tmp_path / "run" / "grid.png").exists()
@@ -143,3 +143,46 @@ def test_no_traceback_in_a_real_process(files, tmp_path):
                         str(d / "missing.png"), "--prompt", "x", "--out", str(tmp_path / "o")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_an_edit_decodes_its_image_once_and_crops_it_once(files, capsys, tmp_path, monkeypatch):
+    """The command decodes the photo before loading the checkpoint (a bad one fails first) and hands the decoded
+    image on: one decode and one crop per edit, the crop also giving SDXL's size conditioning."""
+    from imagic import editor as editor_module
+    from imagic import images
+
+    d, ckpt, img = files
+    calls = {"open_image": 0, "square_input": 0}
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    for name in calls:
+        wrapper = counted(name, getattr(images, name))
+        for module in (images, editor_module):
+            monkeypatch.setattr(module, name, wrapper)
+    code, _, err = _run(["edit", "--ckpt", str(ckpt), "--image", str(img), "--prompt", "a red square", "--out",
+                         str(tmp_path / "run"), "--alpha", "1", *STEPS], capsys)
+    assert code == 0, err
+    assert calls == {"open_image": 1, "square_input": 1}
+
+
+def test_the_kernel_choice_is_a_setting_not_an_environment_variable(files, capsys, tmp_path, monkeypatch):
+    """`--kernels` reaches the editor as its setting; the command leaves the process environment alone."""
+    import os
+
+    from imagic import arguments
+
+    d, ckpt, img = files
+    monkeypatch.delenv("IMAGIC_KERNELS", raising=False)
+    made = []
+    real = arguments.make_editor
+    monkeypatch.setattr("imagic.cli.make_editor", lambda args, path: made.append(real(args, path)) or made[-1])
+    code, _, err = _run(["train", "--ckpt", str(ckpt), "--image", str(img), "--prompt", "a red square", "--out",
+                         str(tmp_path / "run"), "--kernels", "torch", *STEPS[:4], "--quiet", "--device", "cpu"],
+                        capsys)
+    assert code == 0, err
+    assert made[0].runtime.kernels == "torch" and "IMAGIC_KERNELS" not in os.environ

@@ -11,8 +11,9 @@ from imagic.editor import Editor
 from imagic.fileio import load_safetensors
 from imagic.rundir import RunDir, RunError
 from imagic.schedule import NoiseSchedule
-from imagic.training import NumericalError, denoising_loss, fixed_loss
-from tests.helpers import rel_err
+from imagic.steps import denoising_loss
+from imagic.training import NumericalError
+from tests.helpers import read_png_metadata, rel_err
 from tests.tiny import write_tiny_checkpoint
 
 FAST = dict(embed_steps=6, embed_lr=2e-2, finetune_steps=6, finetune_lr=1e-2, save_every=3)
@@ -43,6 +44,13 @@ def _assert_same_state(a, b):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@torch.no_grad()
+def fixed_loss(unet, schedule, x0, context, seed: int = 1234, n: int = 8) -> float:
+    """The denoising loss averaged over a fixed set of (t, noise): a low-variance yardstick."""
+    gen = torch.Generator().manual_seed(seed)
+    return sum(float(denoising_loss(unet, schedule, x0, context, gen)) for _ in range(n)) / n
 
 
 def _yardstick(editor, image, e):
@@ -128,8 +136,6 @@ def test_run_directory_reload_samples_identically(editor, image, tmp_path):
     assert not rd.resume_state(1).exists() and not rd.resume_state(2).exists()
     kohya, _ = load_safetensors(rd.lora)
     assert all(k.startswith("lora_unet_") for k in kohya)
-    from imagic.images import read_png_metadata
-
     meta = read_png_metadata(rd.grid)
     assert meta["target_text"] == "a red square" and meta["layout"] == "rows=seeds, columns=alphas"
     fresh = Editor.from_checkpoint(editor.model.path, device="cpu", progress=False)
@@ -214,3 +220,44 @@ def test_empty_prompt_and_bad_settings(editor, image):
         editor.fit(image, "   ", **FAST)
     with pytest.raises(ValueError, match="finetune"):
         editor.fit(image, "a red square", finetune="dreambooth")
+
+
+def test_settings_objects_and_keywords_are_the_same_edit(editor, image):
+    """`Editor.fit(image, text, settings=FitSettings(...))` and `Editor.sample(run, SampleSettings(...))` are the
+    keyword calls a notebook user types; a keyword given beside a settings object replaces that field."""
+    from imagic.settings import FitSettings, SampleSettings
+
+    by_object = editor.fit(image, "a red square", settings=FitSettings(**FAST))
+    by_keywords = editor.fit(image, "a red square", **FAST)
+    assert by_object.settings == by_keywords.settings == FitSettings(**FAST).resolved()
+    assert torch.equal(by_object.optimized_embedding, by_keywords.optimized_embedding)
+    s = SampleSettings(alpha=1.0, seeds=(0,), steps=3)
+    a = editor.sample(by_object, s, save=False).images[(0, 1.0)]
+    b = editor.sample(by_object, alpha=[1.0], seeds=[0], steps=3, save=False).images[(0, 1.0)]
+    c = editor.sample(by_object, SampleSettings(steps=3), alpha=1.0, save=False).images[(0, 1.0)]
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(np.asarray(a), np.asarray(c))
+    with pytest.raises(TypeError, match="unknown SampleSettings field"):
+        editor.sample(by_object, alphas=[1.0])
+
+
+def test_the_editor_enters_its_kernel_setting_and_plans_with_it(ckpt, image):
+    """The kernel choice is the editor's setting, entered around each call (`kernels.use_setting`); "auto"
+    leaves an enclosing `use_triton` in charge; the plan reads the same setting."""
+    from imagic import kernels
+
+    seen = []
+    ed = Editor.from_checkpoint(ckpt, device="cpu", progress=False, kernels="torch")
+    real = ed.unet.forward
+    ed.unet.forward = lambda *a, **k: seen.append(kernels.resolve("auto")) or real(*a, **k)
+    ed.fit(image, "a red square", **{**FAST, "embed_steps": 1, "finetune_steps": 1})
+    ed.sample(ed.fit(image, "a red square", **{**FAST, "embed_steps": 1, "finetune_steps": 1}), alpha=1.0,
+              steps=1, save=False)
+    assert seen and set(seen) == {"torch"}
+    assert ed.plan(device="cuda").settings["kernels"] == "torch"
+    auto = Editor.from_checkpoint(ckpt, device="cpu", progress=False)
+    auto.unet.forward = lambda *a, **k: seen.append(kernels.resolve("auto")) or real(*a, **k)
+    seen.clear()
+    with kernels.use_triton(False):
+        auto.encode_image(auto.prepare_image(image))
+        auto.txt2img("a red square", steps=1)
+    assert set(seen) == {"torch"}

@@ -1,17 +1,19 @@
 """Atomic writes: old content survives failures, no temporary files are left, errors name the path."""
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
 import io
 import pickle
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from imagic import fileio
-from imagic.fileio import (OutputError, append_csv_row, atomic_path, atomic_write, load_safetensors, read_json,
+from imagic.fileio import (OutputError, atomic_path, atomic_write, load_safetensors, read_json,
                            save_safetensors, sha256_file, write_csv, write_json, write_text)
 
 
@@ -191,6 +193,20 @@ def test_json_round_trip_and_bad_json(tmp_path):
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(ValueError, match="bad.json"):
         read_json(tmp_path / "bad.json")
+
+
+def append_csv_row(path: Path, header, row) -> None:
+    """A CSV log a row at a time, the header first when the file is new; a different header is refused."""
+    header_line = ",".join(header) + "\n"
+    with open(path, "a+", encoding="utf-8", newline="") as f:
+        f.seek(0)
+        first = f.readline()
+        if first and first != header_line:
+            raise ValueError(f"{path}: existing CSV header {first.strip()!r} != {header_line.strip()!r}")
+        f.seek(0, os.SEEK_END)
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerow(row)
+        f.write(("" if first else header_line) + out.getvalue())
 
 
 def test_csv_write_and_append(tmp_path):

@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from PIL import Image, features
 
 from imagic.cli import main
-from imagic.images import ImageError, load_image
+from imagic.images import ImageError
+from tests.helpers import load_image
 from tests.test_images import _STORED_FROM_UPRIGHT, _blocks, _pixels
 
 MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I", "I;16", "F"]
@@ -105,11 +106,11 @@ def load_or_image_error(path: Path, size: int, **kw) -> bool:
 # --- every mode x format x size ----------------------------------------------------------------------------------
 @settings(max_examples=100, **SETTINGS)
 @given(pair=st.sampled_from(savable()), w=st.integers(1, 40), h=st.integers(1, 40), seed=st.integers(0, 2**16),
-       size=st.integers(1, 24), fit=st.sampled_from(["crop", "pad"]))
-def test_every_mode_and_format_loads(folder, pair, w, h, seed, size, fit):
+       size=st.integers(1, 24), how=st.sampled_from(["crop", "pad"]))
+def test_every_mode_and_format_loads(folder, pair, w, h, seed, size, how):
     mode, fmt = pair
     p = _write(folder, f"any.{fmt.lower()}", encode(make_image(mode, w, h, seed), fmt))
-    check_loaded(load_image(p, size, fit=fit), size)
+    check_loaded(load_image(p, size, how=how), size)
 
 
 @settings(max_examples=40, **SETTINGS)
@@ -126,7 +127,7 @@ def test_lossless_pixels_are_exact(folder, mode, fmt, w, h, seed):
     s = min(w, h)
     top, left = (h - s) // 2, (w - s) // 2
     p = _write(folder, f"exact.{fmt.lower()}", encode(img, fmt))
-    np.testing.assert_allclose(_pixels(load_image(p, s, fit="crop")), rgb[top:top + s, left:left + s], atol=1e-3)
+    np.testing.assert_allclose(_pixels(load_image(p, s, how="crop")), rgb[top:top + s, left:left + s], atol=1e-3)
 
 
 @settings(max_examples=40, **SETTINGS)
@@ -278,7 +279,7 @@ def test_every_exif_orientation_lossless(folder, orientation, fmt, w, h):
     want = np.full((s, s, 3), 255.0)
     top, left = (s - h) // 2, (s - w) // 2
     want[top:top + h, left:left + w] = upright
-    np.testing.assert_allclose(_pixels(load_image(p, s, fit="pad")), want, atol=1e-3)
+    np.testing.assert_allclose(_pixels(load_image(p, s, how="pad")), want, atol=1e-3)
 
 
 @pytest.mark.parametrize("orientation", [0, 9, 255, 65535])
@@ -287,7 +288,7 @@ def test_invalid_exif_orientation_is_ignored(folder, orientation):
     exif = Image.Exif()
     exif[0x0112] = orientation
     p = _write(folder, "badexif.png", encode(Image.fromarray(upright), "PNG", exif=exif))
-    np.testing.assert_allclose(_pixels(load_image(p, 6, fit="crop")), upright[:, 2:8], atol=1e-3)
+    np.testing.assert_allclose(_pixels(load_image(p, 6, how="crop")), upright[:, 2:8], atol=1e-3)
 
 
 @pytest.mark.parametrize("values", [[np.nan, 1.0], [np.inf, -np.inf], [1e30, -1e30]])

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image, features
 
-from imagic.images import (ImageError, from_pil, load_image, make_grid, open_image, read_png_metadata, save_png,
-                           square, to_pil)
+from imagic.images import ImageError, from_pil, make_grid, open_image, save_png, square, to_pil
+from tests.helpers import load_image, read_png_metadata
 
 TEDBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "tedbench" / "originals"
 
@@ -59,7 +59,7 @@ def test_exif_orientation(tmp_path, orientation, fmt):
     exif[0x0112] = orientation
     p = tmp_path / f"o{orientation}.{fmt.lower()}"
     Image.fromarray(stored).save(p, format=fmt, exif=exif, **({"quality": 95} if fmt == "JPEG" else {}))
-    got = _pixels(load_image(p, 32, fit="crop"))  # the upright 48x32 centre crop is 32x32: no resampling
+    got = _pixels(load_image(p, 32, how="crop"))  # the upright 48x32 centre crop is 32x32: no resampling
     want = upright[:, 8:40].astype(np.float64)
     if fmt == "PNG":
         np.testing.assert_allclose(got, want, atol=1e-3)
@@ -79,7 +79,7 @@ def test_crop_keeps_centre_and_pad_keeps_everything(tmp_path):
     tall_p = tmp_path / "tall.png"
     Image.fromarray(np.ascontiguousarray(wide.transpose(1, 0, 2))).save(tall_p)
     np.testing.assert_allclose(_pixels(load_image(tall_p, 20, "crop")), wide[:, 20:40].transpose(1, 0, 2), atol=1e-3)
-    with pytest.raises(ValueError, match="fit"):
+    with pytest.raises(ValueError, match="square"):
         load_image(p, 20, "stretch")
 
 
@@ -87,8 +87,8 @@ def test_resize_shape_range_and_smoothness(tmp_path):
     grad = np.repeat(np.linspace(0, 255, 300)[None, :, None], 200, 0).repeat(3, 2).astype(np.uint8)
     p = tmp_path / "g.png"
     Image.fromarray(grad).save(p)
-    for size, fit in [(64, "crop"), (17, "pad"), (512, "crop")]:
-        t = load_image(p, size, fit)
+    for size, how in [(64, "crop"), (17, "pad"), (512, "crop")]:
+        t = load_image(p, size, how)
         assert t.shape == (1, 3, size, size) and t.is_contiguous()
         assert -1 <= t.min() and t.max() <= 1
     row = _pixels(load_image(p, 64, "crop"))[32, :, 0]

@@ -100,7 +100,7 @@ def triton_on(monkeypatch, launches):
     """Triton forced on: compiled on CUDA, else the interpreter on CPU tensors. Yields the launch list."""
     if DEVICE == "cpu" and not kernels.interpreter_ready():
         pytest.skip("the Triton interpreter is not active (see test_interpreter_ready)")
-    monkeypatch.delenv("IMAGIC_KERNELS", raising=False)
+    _startup_env(monkeypatch, None)
     kernels.reset_failures()
     with kernels.use_triton(True, strict=True):  # strict: a failing kernel raises, never hides behind torch
         yield launches
@@ -297,9 +297,18 @@ def _all_references(x: torch.Tensor):
             kernels.layer_norm_reference(x, None, None), kernels.geglu_reference(x)]
 
 
+def _startup_env(monkeypatch, value):
+    """IMAGIC_KERNELS set to `value` (None: unset) as if at start-up, when dispatch reads it once."""
+    if value is None:
+        monkeypatch.delenv("IMAGIC_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("IMAGIC_KERNELS", value)
+    monkeypatch.setattr(dispatch, "STARTUP_CHOICE", dispatch.environment_choice())
+
+
 def test_cpu_tensors_use_torch_by_default(monkeypatch, launches):
     """Without CUDA tensors and without forcing, every public op is the torch reference / SDPA."""
-    monkeypatch.delenv("IMAGIC_KERNELS", raising=False)
+    _startup_env(monkeypatch, None)
     x = torch.randn(2, 4, 3, 40)
     for ours, ref in zip(_all_ops(x), _all_references(x)):
         assert torch.equal(ours, ref)
@@ -312,7 +321,7 @@ def test_forcing_torch(triton_on, monkeypatch, how):
     """use_triton(False) or IMAGIC_KERNELS=torch gives the reference even where Triton would run."""
     x = torch.randn(2, 4, 3, 40, device=DEVICE)
     with kernels.use_triton(None if how == "env" else False):
-        monkeypatch.setenv("IMAGIC_KERNELS", "torch" if how == "env" else "triton")
+        _startup_env(monkeypatch, "torch" if how == "env" else "triton")
         for ours, ref in zip(_all_ops(x), _all_references(x)):
             assert torch.equal(ours, ref)
     assert triton_on == []
@@ -320,7 +329,7 @@ def test_forcing_torch(triton_on, monkeypatch, how):
 
 @needs_triton
 def test_forcing_triton_by_env(triton_on, monkeypatch):
-    monkeypatch.setenv("IMAGIC_KERNELS", "triton")
+    _startup_env(monkeypatch, "triton")
     x = torch.randn(2, 4, 3, 40, device=DEVICE)
     with kernels.use_triton(None):
         for ours, ref in zip(_all_ops(x), _all_references(x)):

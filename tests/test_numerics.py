@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from imagic.editor import Editor
 from imagic.fileio import load_safetensors
 from imagic.rundir import RunDir
+from imagic.steps import NO_AUTOCAST, gradients_finite, make_adam, optimizer_step
 from imagic.training import NumericalError, run_loop
 from tests.tiny import write_tiny_checkpoint
 
@@ -36,8 +37,9 @@ def _toy(fault: Dict[int, str], resume: Optional[Path], steps: int = 10) -> Tupl
             x.register_hook(lambda g: g * math.inf)
         return (x ** 2).mean() * {"nan": math.nan, "inf": math.inf}.get(kind, 1.0)
 
-    state = run_loop("stage 1: embedding", [p], loss_fn, steps=steps, lr=0.1, seed=3, resume_path=resume,
-                     save_every=2, progress=False)
+    state = run_loop("stage 1: embedding", [p], lambda opt, gen: optimizer_step([p], opt, lambda: loss_fn(gen),
+                                                                                NO_AUTOCAST),
+                     steps=steps, lr=0.1, seed=3, resume_path=resume, save_every=2, progress=False)
     return p.detach(), state.losses
 
 
@@ -174,7 +176,8 @@ def test_fp16_fault_while_sampling_names_stage_3(editor, image, tmp_path):
 # --- the loop's fast paths against torch's plain implementations ------------------------------------------------
 def test_grads_finite_agrees_with_isfinite_on_every_tensor():
     """The one-sum check equals torch.isfinite over every element, for each kind of bad value in any tensor."""
-    from imagic.training import _grads_finite
+    def _grads_finite(params):
+        return gradients_finite(params, NO_AUTOCAST)
 
     gen = torch.Generator().manual_seed(0)
     params = [torch.zeros(s, requires_grad=True) for s in [(3, 4), (7,), (2, 2, 5), (1,)]]
@@ -195,8 +198,6 @@ def test_grads_finite_agrees_with_isfinite_on_every_tensor():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_make_adam_follows_torch_single_tensor_adam(dtype):
     """`make_adam` (fused on fp32 CPU tensors) takes the same steps as torch's reference for-loop Adam."""
-    from imagic.training import make_adam
-
     gen = torch.Generator().manual_seed(1)
     init = [torch.randn(s, generator=gen, dtype=dtype) for s in [(16, 8), (8,), (3, 3, 2)]]
     ours, ref = ([t.clone().requires_grad_(True) for t in init] for _ in range(2))

@@ -1,4 +1,4 @@
-"""Running out of device memory in the middle of a run (issue 31, item 3), injected on the CPU at a chosen step:
+"""Running out of device memory in the middle of a run, injected on the CPU at a chosen step:
 the command ends with one line (stage, step, what torch said, the step the run directory keeps, settings that need
 less), exit code 2, and the same command then resumes to the result of an uninterrupted run."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from imagic import editor as editor_module
-from imagic import fitting
+from imagic import steps
 from imagic.cli import main
 from tests.tiny import write_tiny_checkpoint
 
@@ -45,7 +45,7 @@ def _fail_at(monkeypatch, module, name: str, call: int) -> None:
 def test_out_of_memory_in_stage_2_is_one_line_and_the_run_resumes(inputs, tmp_path, monkeypatch, capsys):
     assert main(_train(inputs, tmp_path / "whole")) == 0
     with monkeypatch.context() as m:
-        _fail_at(m, fitting, "denoising_loss", 4 + 5)  # stage 1's 4 steps, then stage 2's 5th
+        _fail_at(m, steps, "denoising_loss", 4 + 5)  # stage 1's 4 steps, then stage 2's 5th
         code = main(_train(inputs, tmp_path / "run"))
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err

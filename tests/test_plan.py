@@ -1,4 +1,4 @@
-"""Issue 31: the plan (`imagic.plan`) against measurement, on a model of SD1's structure at tiny widths.
+"""The plan (`imagic.plan`) against measurement, on a model of SD1's structure at tiny widths.
 
 Each stage runs for real on the CPU in fp32 with benchmarks/imagic_step.py's own step code and accounting
 (bytes resident before the step + the highest net allocation torch.profiler sees during it); the plan, counted
@@ -6,8 +6,8 @@ on meta tensors, must be within 10% and its FLOPs equal FlopCounterMode's on the
 method checks the accounting itself: the plan's StorageTracker run on the real tensors. bf16 checks the autocast
 emulation against the CPU's real autocast; CUDA checks that flash attention's plan never holds the scores.
 The same comparison runs on a model of SDXL's structure (two text towers, the packed (1, 78, width) embedding,
-the UNet called through `sdxl.VectorUNet` with `y`), and the full-size SDXL plan is checked against issue 32's
-24 GB.
+the UNet called through `sdxl.VectorUNet` with `y`), and the full-size SDXL plan is checked against the 24 GB
+card the README promises it fits.
 """
 from __future__ import annotations
 
@@ -212,7 +212,7 @@ def test_sdxl_plan_counts_both_text_towers_and_the_packed_embedding(xl_plan):
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointing"])
 def test_full_size_sdxl_bf16_lora_edit_fits_24_gb(capsys, checkpointing):
-    """Issue 32: an SDXL base 1024x1024 bf16 LoRA edit on a 24 GB card, planned by `imagic plan --family sdxl`
+    """An SDXL base 1024x1024 bf16 LoRA edit on a 24 GB card, planned by `imagic plan --family sdxl`
     (CUDA, the editor's held models included). With our Triton kernels (recorded for sm_80): at most 13.7 GiB on
     the device either way, the VAE decode's (the UNet, both towers and the pre-merge LoRA copies held beside it);
     stage 1 peaks at 8.7 GiB without gradient checkpointing, 5.3 GiB with it. The torch paths (no Triton here):
@@ -269,7 +269,7 @@ def test_plan_parts_add_up_and_gpu_figures(cpu_plan):
     assert cpu_plan.edit_flops == sum(s.flops * s.steps for s in cpu_plan.stages.values())
     floors = {g.name: cpu_plan.time_floor(g.name) for g in GPUS}
     assert floors["H100 SXM"] < floors["A100"] < floors["RTX 3090"] < floors["T4"]
-    assert cpu_plan.fits(8)
+    assert cpu_plan.within(8)
     text = cpu_plan.table()
     assert all(name in text for name in STAGES) and "Fits" in text and "A100" in text
 

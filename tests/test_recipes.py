@@ -5,7 +5,7 @@ import pytest
 
 from imagic.arguments import recipe_in
 from imagic.cli import build_parser
-from imagic.fitting import FitSettings
+from imagic.settings import FitSettings
 from imagic.recipes import RECIPES, recipe
 
 EDIT = ["edit", "--ckpt", "m.safetensors", "--image", "in.png", "--prompt", "a red star", "--out", "o"]

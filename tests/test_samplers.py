@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from torch import Tensor
 
 from imagic.config import preset
-from imagic.samplers import (ddim_step, ddim_timesteps, ddpm_step, guided_model_output, initial_latents,
-                             sample_ddim, sdedit_start)
+from imagic.samplers import StepOutput, ddim_step, ddim_timesteps, guided_model_output, initial_latents, sdedit_start
 from imagic.schedule import NoiseSchedule
+from imagic.steps import sample_ddim
 from tests.helpers import rel_err
 
 TOL = 1e-5
@@ -177,8 +178,8 @@ def test_ddim_with_oracle_model_stays_on_the_forward_path(prediction_type):
     steps = 25
     start = schedule.add_noise(x0, eps, int(ddim_timesteps(steps)[0]))
     x0_preds = []
-    out = sample_ddim(oracle, schedule, start, torch.zeros(1, 1, 1), steps=steps, guidance_scale=1.0,
-                      progress=False, callback=lambda i, t, x, x0_hat: x0_preds.append(x0_hat))
+    out = sample_ddim(oracle, schedule, start, torch.zeros(1, 1, 1), None, steps=steps, guidance_scale=1.0,
+                      ddim_eta=0.0, progress=False, callback=lambda i, t, x, x0_hat: x0_preds.append(x0_hat))
     assert rel_err(x0_preds[-1], x0) <= TOL
     # The last DDIM step lands on abar[0] (LDM convention), i.e. x0 plus sqrt(1 - abar[0]) ~ 0.03 of the noise.
     assert rel_err(out, schedule.add_noise(x0, eps, 0)) <= TOL
@@ -195,8 +196,8 @@ def test_sdedit_start_matches_diffusers_img2img():
     timesteps = ref.timesteps[t_start:]
     x = ref.add_noise(x0, noise, timesteps[:1])
     assert start == t_start and rel_err(x_t, x) <= TOL
-    ours = sample_ddim(model, schedule, x_t, context, uncond, steps=steps, guidance_scale=3.0, progress=False,
-                       start_step=start)
+    ours = sample_ddim(model, schedule, x_t, context, uncond, steps=steps, guidance_scale=3.0, ddim_eta=0.0,
+                       progress=False, start_step=start)
     assert model.calls == len(timesteps)
     for t in timesteps:
         tt = torch.full((2,), int(t))
@@ -219,6 +220,27 @@ def _ddpm_ref(prediction_type: str, schedule: Optional[NoiseSchedule] = None) ->
         # while the tensors (and its noise draws) stay fp32.
         ref.alphas_cumprod, ref.one = schedule.alphas_cumprod, torch.tensor(1.0, dtype=torch.float64)
     return ref
+
+
+def ddpm_step(schedule: NoiseSchedule, model_output: Tensor, x: Tensor, t: int, t_prev: Optional[int] = None,
+              noise: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> StepOutput:
+    """One ancestral step from the DDPM posterior q(x_{t_prev} | x_t, x0) with its own ("fixed small") variance
+    (ldm/models/diffusion/ddpm.py `q_posterior`, `p_sample`); `t_prev` defaults to t - 1, and a larger stride
+    uses beta = 1 - abar_t / abar_prev as diffusers' DDPMScheduler does. No noise at t = 0. No sampler of the
+    library takes it: it lives here to check the schedule's posterior against diffusers' DDPMScheduler.
+    """
+    t_prev = t - 1 if t_prev is None else t_prev
+    abar = schedule.alphas_cumprod
+    a_t = abar[t].item()
+    a_prev = abar[t_prev].item() if t_prev >= 0 else 1.0
+    beta = 1 - a_t / a_prev
+    x0, _ = schedule.predict_x0_and_eps(model_output.float(), x.float(), t)
+    mean = (a_prev ** 0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x.float()
+    if t > 0:
+        variance = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)  # the original clips the log-variance at 1e-20
+        z = noise if noise is not None else torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        mean = mean + variance ** 0.5 * z.float()
+    return StepOutput(mean.to(x.dtype), x0.to(x.dtype))
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v"])

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from imagic import sdxl
 from imagic.cli import main
 from imagic.editor import Editor
-from imagic.training import denoising_loss
+from imagic.steps import denoising_loss
 from tests.tiny import write_tiny_checkpoint
 
 FAST = dict(embed_steps=6, finetune_steps=6, finetune_lr=1e-2, save_every=2)
@@ -83,7 +83,7 @@ def test_both_parts_reach_the_unet_and_get_gradients(editor, files):
 def test_size_conditioning_comes_from_the_input_and_reaches_the_unet(editor, files):
     sizes = editor.size_conditioning(files[1])
     assert sizes == {"original_size": [32, 48], "crop_top_left": [0, 8], "target_size": [32, 32]}
-    assert editor.size_conditioning(files[1], fit="pad")["crop_top_left"] == [0, 0]
+    assert editor.size_conditioning(files[1], square="pad")["crop_top_left"] == [0, 0]
     assert editor.size_conditioning() == {"original_size": [32, 32], "crop_top_left": [0, 0],
                                           "target_size": [32, 32]}
     e, x, t = editor.encode_text(PROMPT), torch.randn(1, 4, 16, 16), torch.tensor([300])

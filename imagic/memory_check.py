@@ -1,6 +1,6 @@
-"""Before a GPU run: does the plan (`imagic.plan`) fit the memory the device has free? If not, stop within seconds
-with one line (what the stage needs, what is free, a setting that would make it fit) instead of running out of
-memory minutes in. `force=True` (`--force`) skips the check.
+"""Before a GPU run: is the memory the device has free enough for the plan (`imagic.plan`)? If not, stop within
+seconds with one line (what the stage needs, what is free, a setting that needs little enough) instead of running
+out of memory minutes in. `force=True` (`--force`) skips the check.
 
 What is compared: the plan counts everything a stage has on the device (weights, trainable tensors with gradients
 and Adam state, activations, and the models and copies the editor holds beside it). Part of that is already there
@@ -9,7 +9,6 @@ take it from what the driver reports free plus what torch's caching allocator ha
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -20,7 +19,7 @@ from .plan import Plan
 Replan = Callable[[Dict[str, object]], Plan]
 
 
-class WontFit(RuntimeError):
+class NotEnoughMemory(RuntimeError):
     """A stage the plan says will not fit the device's free memory; the message is one line."""
 
 
@@ -60,7 +59,7 @@ def alternatives(settings: Dict[str, object], bf16: bool) -> List[Tuple[str, Dic
 
 
 def check(p: Plan, stages: Iterable[str], device: torch.device, replan: Replan) -> None:
-    """Raise WontFit when the most demanding of `stages` needs more than `device` has free. `replan(overrides)`
+    """Raise NotEnoughMemory when the most demanding of `stages` needs more than `device` has free. `replan(overrides)`
     plans the same edit with other settings, to find one that fits."""
     measured = device_memory(device)
     if measured is None:
@@ -77,14 +76,5 @@ def check(p: Plan, stages: Iterable[str], device: torch.device, replan: Replan) 
         if other - allocated <= free:
             hint = f"{flag} would make it fit ({_size(other)})"
             break
-    raise WontFit(f"{name} needs {_size(need)} on {device} ({_size(allocated)} of it already allocated), "
+    raise NotEnoughMemory(f"{name} needs {_size(need)} on {device} ({_size(allocated)} of it already allocated), "
                   f"{_size(free)} more is free; {hint}; --force runs anyway")
-
-
-_KERNELS = {"auto": "auto", "triton": "triton", "1": "triton", "on": "triton", "torch": "torch", "0": "torch",
-            "off": "torch"}
-
-
-def kernels_setting() -> str:
-    """The editor's kernel choice as the plan spells it (IMAGIC_KERNELS, which --kernels sets; see dispatch.py)."""
-    return _KERNELS.get(os.environ.get("IMAGIC_KERNELS", "auto").lower(), "auto")

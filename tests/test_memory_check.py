@@ -1,6 +1,6 @@
-"""The check before a GPU run (issue 31, item 3): when the plan says a stage will not fit the device's free
+"""The check before a GPU run: when the plan says a stage will not fit the device's free
 memory, the command stops within seconds with one line (what it needs, what is free, a setting that would fit);
-`--force` runs anyway. The device's memory is faked (`fit_check.device_memory`), the plan is the real one."""
+`--force` runs anyway. The device's memory is faked (`memory_check.device_memory`), the plan is the real one."""
 from __future__ import annotations
 
 import time
@@ -8,7 +8,7 @@ import time
 import pytest
 from PIL import Image
 
-from imagic import fit_check
+from imagic import memory_check
 from imagic.cli import main
 from imagic.editor import Editor
 from tests.tiny import write_tiny_checkpoint
@@ -30,7 +30,7 @@ def _worst(editor: Editor, **settings) -> int:
 
 
 def _fake_memory(monkeypatch, free: int, allocated: int = 0) -> None:
-    monkeypatch.setattr(fit_check, "device_memory", lambda device: (free, allocated))
+    monkeypatch.setattr(memory_check, "device_memory", lambda device: (free, allocated))
 
 
 def test_an_edit_that_does_not_fit_stops_at_once_with_one_line(inputs, tmp_path, monkeypatch, capsys):
@@ -56,15 +56,15 @@ def test_the_hint_names_a_setting_that_fits(inputs, monkeypatch):
     assert lora < full
     _fake_memory(monkeypatch, free=(full + lora) // 2)
     p = editor.plan(finetune="full")
-    with pytest.raises(fit_check.WontFit, match="stage2 needs .* would make it fit") as raised:
-        fit_check.check(p, ("stage1", "stage2"), editor.device, lambda o: editor.plan(**{"finetune": "full", **o}))
-    named = dict(fit_check.alternatives(p.settings, bf16=True))
+    with pytest.raises(memory_check.NotEnoughMemory, match="stage2 needs .* would make it fit") as raised:
+        memory_check.check(p, ("stage1", "stage2"), editor.device, lambda o: editor.plan(**{"finetune": "full", **o}))
+    named = dict(memory_check.alternatives(p.settings, bf16=True))
     flag = next(f for f in named if f"{f} would make it fit" in str(raised.value))
     assert _worst(editor, **{"finetune": "full", **named[flag]}) <= (full + lora) // 2  # and it does fit
     _fake_memory(monkeypatch, free=full)  # exactly enough
-    fit_check.check(p, ("stage1", "stage2"), editor.device, lambda o: editor.plan(**{"finetune": "full", **o}))
+    memory_check.check(p, ("stage1", "stage2"), editor.device, lambda o: editor.plan(**{"finetune": "full", **o}))
     _fake_memory(monkeypatch, free=full // 2, allocated=full // 2)  # half of it is on the device already
-    fit_check.check(p, ("stage1", "stage2"), editor.device, lambda o: editor.plan(**{"finetune": "full", **o}))
+    memory_check.check(p, ("stage1", "stage2"), editor.device, lambda o: editor.plan(**{"finetune": "full", **o}))
 
 
 def test_the_plan_is_one_call_from_the_package():
@@ -76,8 +76,8 @@ def test_the_plan_is_one_call_from_the_package():
 
 def test_alternatives_spell_the_command_line():
     settings = {"precision": "fp32", "finetune": "full", "gradient_checkpointing": False}
-    flags = [flag for flag, _ in fit_check.alternatives(settings, bf16=False)]
+    flags = [flag for flag, _ in memory_check.alternatives(settings, bf16=False)]
     assert flags == ["--precision fp16", "--finetune lora", "--gradient-checkpointing",
                      "--precision fp16 --finetune lora --gradient-checkpointing"]
     done = {"precision": "bf16", "finetune": "lora", "gradient_checkpointing": True}
-    assert fit_check.alternatives(done, bf16=True) == []
+    assert memory_check.alternatives(done, bf16=True) == []
