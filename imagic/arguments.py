@@ -34,10 +34,10 @@ def user_errors() -> tuple:
     from .memory_check import NotEnoughMemory
     from .images import ImageError
     from .rundir import RunError
-    from .training import NumericalError, OutOfMemory
+    from .training import NumericalError, OutOfMemory, ResumeError
 
-    return (UserError, CheckpointError, ConfigError, ImageError, OutputError, RunError, NumericalError, OutOfMemory,
-            NotEnoughMemory, ResolutionError)
+    return (UserError, CheckpointError, ConfigError, ImageError, OutputError, RunError, ResumeError, NumericalError,
+            OutOfMemory, NotEnoughMemory, ResolutionError)
 
 
 def number(kind: type) -> Callable[[str], Any]:

@@ -18,7 +18,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .fileio import save_torch
-from .rundir import RunError
 from .steps import NonFinite, make_adam
 
 log = logging.getLogger(__name__)
@@ -29,6 +28,11 @@ StepCallback = Callable[[str, int, float], None]
 
 class NumericalError(RuntimeError):
     """A NaN or Inf loss or gradient. The message names the stage and the step; the last saved state is intact."""
+
+
+class ResumeError(ValueError):
+    """A resume state that cannot be read back (damaged or replaced after our atomic write); the message names the
+    file and says to delete it to restart the stage."""
 
 
 class OutOfMemory(RuntimeError):
@@ -84,7 +88,7 @@ def _load_resume(path: Path, params: Sequence[Tensor], opt: torch.optim.Optimize
         return LoopState(step=int(payload["step"]), losses=[float(x) for x in payload["losses"]])
     except Exception as e:  # truncated zip, foreign pickle, wrong shapes, missing keys, ...
         reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise RunError(f"{path}: unreadable resume state ({reason}); delete it to restart this stage") from None
+        raise ResumeError(f"{path}: unreadable resume state ({reason}); delete it to restart this stage") from None
 
 
 # step(optimizer, generator) -> loss: one step of `imagic.steps` with its inputs bound (stage1_step, stage2_step)

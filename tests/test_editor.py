@@ -261,3 +261,31 @@ def test_the_editor_enters_its_kernel_setting_and_plans_with_it(ckpt, image):
         auto.encode_image(auto.prepare_image(image))
         auto.txt2img("a red square", steps=1)
     assert set(seen) == {"torch"}
+
+
+def test_resume_from_an_embedding_file_at_any_alignment_equals_uninterrupted(editor, image, tmp_path):
+    """A stage 2 resumed in a new process reads e_opt from its file. Written with another header length (another
+    width, other metadata) the file puts the tensor's data 8 bytes past a 16-byte boundary, and CPU BLAS, which
+    picks kernels by alignment, rounded the LoRA projection of that context otherwise: the resumed LoRA weights
+    came out 8.6e-7 away from an uninterrupted run's. They must be the same bits."""
+    from safetensors.torch import load_file, save_file
+
+    settings = {**FAST, "embed_steps": 6, "finetune_steps": 8, "save_every": 2}
+    full = editor.fit(image, "a red square", out=tmp_path / "a", **settings)
+
+    def stop(name, step, loss):
+        if name.startswith("stage 2") and step == 4:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        editor.fit(image, "a red square", out=tmp_path / "b", callback=stop, **settings)
+    path = tmp_path / "b" / "optimized_embedding.safetensors"
+    e_opt = load_file(str(path))["embedding"].clone()
+    for pad in range(64):
+        save_file({"embedding": e_opt}, str(path), metadata={"pad": "x" * pad})
+        if load_file(str(path))["embedding"].data_ptr() % 16 == 8:
+            break
+    assert load_file(str(path))["embedding"].data_ptr() % 16 == 8
+    resumed = editor.fit(image, "a red square", out=tmp_path / "b", **settings)
+    for k in full.finetuned:
+        assert torch.equal(full.finetuned[k], resumed.finetuned[k]), k

@@ -236,6 +236,25 @@ def test_safetensors_round_trip_with_metadata(tmp_path):
     assert _listing(tmp_path) == ["e.safetensors"]
 
 
+def test_loaded_tensors_are_held_at_torch_alignment(tmp_path):
+    """Tensors read from a file sit in torch's own 64-byte aligned memory, wherever the file put their data (here
+    8 bytes past a 16-byte boundary, as a header of the right length does): CPU BLAS chooses kernels, and so
+    rounding, by alignment, and a run resumed from files must compute as the run that held them in memory."""
+    from safetensors.torch import load_file, save_file
+
+    e = torch.randn(1, 77, 64)
+    p = tmp_path / "e.safetensors"
+    pad = next(n for n in range(64) if _data_address(save_file, load_file, p, e, n) % 16 == 8)
+    save_file({"embedding": e}, str(p), metadata={"pad": "x" * pad})
+    out = load_safetensors(p)[0]["embedding"]
+    assert torch.equal(out, e) and out.data_ptr() % 64 == 0
+
+
+def _data_address(save_file, load_file, path, tensor, pad: int) -> int:
+    save_file({"embedding": tensor}, str(path), metadata={"pad": "x" * pad})
+    return load_file(str(path))["embedding"].data_ptr()
+
+
 @pytest.mark.parametrize("n", [0, 1, 1000, (1 << 10) * 3 + 7])
 def test_sha256_matches_hashlib(tmp_path, n):
     data = os.urandom(n)
