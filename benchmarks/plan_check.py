@@ -1,4 +1,4 @@
-"""The plan (`imagic.plan`) against measurement at SD1.5 size on the CPU (issue 31, item 2).
+"""The plan (`imagic.plan`) against measurement at SD1.5 size on the CPU.
 
 For every stage: the planned peak (meta tensors, no weights) beside the peak measured on the real models with
 benchmarks/imagic_step.py's accounting (bytes resident before the step + the highest net allocation
@@ -7,7 +7,7 @@ the real tensors), and beside the process's resident memory (RSS, sampled every 
 FLOPs beside FlopCounterMode's on the real run. Each measurement is the first step of fresh trainable state (the
 warm-up step imagic_step.py measures), in one process, stage 1 first.
 
-It also reproduces the 1.37 GiB a storage-tracking dispatch mode reported for one stage-1 step (issue 31): the
+It also reproduces the 1.37 GiB a storage-tracking dispatch mode reported for one stage-1 step: the
 same tracker without the resident tensors registered counts every weight that passes through an op as a view
 (nn.Linear's weight.t() in aten.linear), as if the step had allocated it.
 

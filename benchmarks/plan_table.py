@@ -1,6 +1,6 @@
-"""The README's memory and time table (issue 31, item 5): planned peak on the GPU and compute-bound time floor of
-a whole edit, for SD1.5 at 512² and SD2.1-v at 768² in each precision and SDXL base at 1024² in fp16 and bf16
-(issue 32), LoRA and full fine-tuning, gradient checkpointing off and on, with the editor's defaults (1000
+"""The README's memory and time table: planned peak on the GPU and compute-bound time floor of
+a whole edit, for SD1.5 at 512² and SD2.1-v at 768² in each precision and SDXL base at 1024² in fp16 and bf16,
+LoRA and full fine-tuning, gradient checkpointing off and on, with the editor's defaults (1000
 embedding steps, 500 LoRA / 1500 full steps, 5 alphas x 2 seeds at 50 DDIM steps, our Triton kernels). No GPU
 and no weights needed: `imagic.plan` runs the real models on meta tensors.
 

@@ -1,4 +1,4 @@
-"""UNet speed, ours vs diffusers' UNet2DConditionModel on the same weights and inputs (issue 2, item 6).
+"""UNet speed, ours vs diffusers' UNet2DConditionModel on the same weights and inputs.
 
 Per latent size, three measurements, each the median of `--repeats` runs after one warm-up:
 

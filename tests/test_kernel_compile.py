@@ -1,7 +1,7 @@
 """Every Triton kernel compiled for real GPUs on this CPU (benchmarks/kernel_compile.py --subset): sm_80 (A100),
 sm_86 (RTX 3090 / A10) and sm_90 (H100), bf16, one launch per kernel at SD1.5's shapes with every candidate
 config. Each must compile, not spill, fit the arch's shared memory, and use tensor cores where it has a `tl.dot`;
-a deliberately broken variant must be flagged by the same rule. SDXL at 1024² (issue 32) needs no compilation the
+a deliberately broken variant must be flagged by the same rule. SDXL at 1024² needs no compilation the
 SD workloads do not already make, and its head-dim-64 attention at 4096 x 4096 compiles clean on sm_86.
 
 Runs in a subprocess without TRITON_INTERPRET (the suite's process has the interpreter on, which replaces the
@@ -140,7 +140,7 @@ def test_sdxl_launches_are_compilations_the_table_already_checks():
     assert len(found["workloads"]) == 5, found["workloads"]
     assert found["new"] == 0, found
     assert found["attention"] >= 3 and all(p == [] for p in found["problems"]), found["problems"]
-    # the shapes of issue 32: 4096 / 1024 tokens, 77 keys; GEGLU at 640 and 1280; the VAE at 1024²; both towers
+    # SDXL at 1024²: 4096 / 1024 tokens, 77 keys; GEGLU at 640 and 1280; the VAE at 1024²; both towers
     for shape in ("4096x4096", "4096x77", "1024x1024", "1024x77", "4096x5120", "1024x10240", "1x128x1024x1024",
                   "77x768", "77x1280"):
         assert shape in found["shapes"], shape

@@ -1,4 +1,4 @@
-"""kohya SDXL LoRA files (issue 32 item 3/4), through diffusers' own loader (which needs `peft`, a test extra).
+"""kohya SDXL LoRA files, written by the editor and read back, through diffusers' own loader (which needs `peft`, a test extra).
 
 sd-scripts names an SDXL LoRA by the original sgm module path (`lora_unet_input_blocks_4_1_transformer_blocks_0_
 attn1_to_q`), not by the diffusers path it uses for SD 1.x/2.x; diffusers' `StableDiffusionXLPipeline.load_lora_weights`
